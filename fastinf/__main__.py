@@ -1,0 +1,6 @@
+"""``python -m fastinf ...`` is the same CLI as ``fastinf ...`` (so ``torchrun -m fastinf`` works)."""
+import sys
+
+from fastinf.cli import main
+
+sys.exit(main())
