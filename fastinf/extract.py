@@ -110,7 +110,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         The finished, opened GradientStore.
     """
     from fastinf.capture import features_for_batch
-    from fastinf.models import resolve_task
+    from fastinf.models import make_task
     from fastinf.projection import ProjectionSpec, UnitProjector, feature_dim
     from fastinf.units import discover, select
 
@@ -120,7 +120,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     dtype = canonical_dtype(dtype)
     spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
-    task_obj = resolve_task(task)
+    task_obj = make_task(task)
     task_name = getattr(task_obj, "name", str(task))
     ds = as_text_dataset(dataset, need_labels=task_name != "causal-lm")
     n = len(ds)
