@@ -41,9 +41,16 @@ _API: dict[str, str] = {
     "ndr": "fastinf.evaluate",
     "ndr_curve": "fastinf.evaluate",
     "auc_ndr": "fastinf.evaluate",
+    "aggregate_all": "fastinf.aggregate",
+    "layer_table": "fastinf.evaluate",
+    "cancellation_ratios": "fastinf.evaluate",
+    "bootstrap_ci": "fastinf.evaluate",
     # retrieval
     "build_index": "fastinf.retrieval",
     "search": "fastinf.retrieval",
+    "open_index": "fastinf.retrieval",
+    "Index": "fastinf.retrieval",
+    "SearchResult": "fastinf.search_results",
     # experiments and scale
     "inject_noise": "fastinf.data",
     "plan": "fastinf.plan",

@@ -16,7 +16,15 @@ COMMANDS: list[str] = [
     "fastinf.commands.layers",
     "fastinf.commands.extract",
     "fastinf.commands.store",
+    "fastinf.commands.score",
     "fastinf.commands.demo",
+    "fastinf.commands.aggregate",
+    "fastinf.commands.ndr",
+    "fastinf.commands.index",
+    "fastinf.commands.search",
+    "fastinf.commands.train",
+    "fastinf.commands.run",
+    "fastinf.commands.plan",
 ]
 
 

