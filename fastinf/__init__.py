@@ -36,6 +36,7 @@ _API: dict[str, str] = {
     # scoring
     "ScoreSet": "fastinf.scores",
     "score": "fastinf.estimators",
+    "fit_preconditioner": "fastinf.curvature",
     # aggregation and evaluation
     "aggregate": "fastinf.aggregate",
     "ndr": "fastinf.evaluate",

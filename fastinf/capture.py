@@ -33,7 +33,7 @@ from torch import nn
 
 from fastinf.errors import ConfigError, NonFiniteError
 from fastinf.models import Task, make_task
-from fastinf.projection import UnitProjector, _as_btd, _kernels_for
+from fastinf.projection import UnitProjector, _kernels_for, _kron_combine, _project_in, _project_out
 from fastinf.units import Unit, get_module
 
 
@@ -138,12 +138,7 @@ class _UnitCapture:
         mask = self._mask_for(x)
         if self.split and _kernels_for(x) is None:
             with torch.no_grad():
-                P_in = self.proj.P_in
-                xb = _as_btd(x).to(torch.float32)
-                B, T, d = xb.shape
-                px = (xb.reshape(B * T, d) @ P_in[:, :d].T).reshape(B, T, -1)   # (B, T, k_in)
-                if self.unit.bias:
-                    px += P_in[:, d]
+                px = _project_in(x, self.proj.P_in, self.unit.bias)             # (k_in, B*T)
             self.records.append(_Record(y, None, px, mask))
         else:
             self.records.append(_Record(y, x, None, mask))
@@ -177,12 +172,8 @@ class _UnitCapture:
                 continue  # this call's output does not reach the loss: zero contribution
             g = self._scaled(g)
             if rec.px is not None:
-                gb = _as_btd(g).to(torch.float32)
-                Bg, T, d_out = gb.shape
-                if rec.mask is not None:
-                    gb = gb * rec.mask.reshape(Bg, T, 1)
-                pg = (gb.reshape(Bg * T, d_out) @ self.proj.P_out.T).reshape(Bg, T, -1)  # (B, T, k_out)
-                phi = torch.bmm(pg.transpose(1, 2), rec.px).reshape(Bg, -1)              # (B, k_out*k_in)
+                pg = _project_out(g, self.proj.P_out, rec.mask)                          # (k_out, B*T)
+                phi = _kron_combine(pg, rec.px, g.shape[0]).reshape(g.shape[0], -1)      # (B, k_out*k_in)
             else:
                 phi = self.proj.project(rec.x, g, rec.mask)
             out = phi if out is None else out + phi

@@ -445,7 +445,9 @@ class LissaPreconditioner(Preconditioner):
 
 def _gather_rows(source: FeatureSource, rows: np.ndarray) -> np.ndarray:
     if isinstance(source, StoreSource):
-        g = np.asarray(source.store.features(source.unit_name)[rows], dtype=np.float32)
+        from fastinf.store import from_storage
+
+        g = from_storage(source.store.features(source.unit_name)[rows], source.store.dtype)
     elif isinstance(source, ArraySource):
         g = np.asarray(source._g[rows], dtype=np.float32)
     else:

@@ -305,8 +305,10 @@ def _raise_nonfinite(store: Any, names: Sequence[str], side: str) -> None:
 
 
 def _sources(terms: list[_Term]) -> dict:
-    return {"checkpoints": [{"test": str(t.test.path), "train": str(t.train.path), "weight": t.weight,
-                             "test_fingerprint": t.test.fingerprint, "train_fingerprint": t.train.fingerprint}
+    """Provenance: the stores (paths and fingerprints) and weights the scores come from."""
+    return {"checkpoints": [{"test": None if t.test is None else str(t.test.path), "train": str(t.train.path),
+                             "weight": t.weight, "train_fingerprint": t.train.fingerprint,
+                             "test_fingerprint": None if t.test is None else t.test.fingerprint}
                             for t in terms]}
 
 
@@ -363,11 +365,9 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
     """One GEMM per (unit, test block, train block): ``S = Σ_terms w · (Q H⁻¹) Gᵀ``."""
     method, dt = plan.method, plan.dtype
     names = [u.name for u in plan.units]
-    k_max = max(plan.terms[0].train.feature_dim(n) for n in names)
-    nb_max = _train_block_rows(k_max, plan.test_rows, len(plan.terms), block_bytes)
-    sink = _BlockSink(writer, plan.test_rows * max(nb_max, *(
-        _train_block_rows(plan.terms[0].train.feature_dim(n), plan.test_rows, len(plan.terms), block_bytes)
-        for n in names)), dt)
+    nb_max = max(_train_block_rows(plan.terms[0].train.feature_dim(n), plan.test_rows, len(plan.terms), block_bytes)
+                 for n in names)
+    sink = _BlockSink(writer, plan.test_rows * min(nb_max, plan.terms[0].train.n), dt)
     try:
         for ui, name in enumerate(names):
             k = plan.terms[0].train.feature_dim(name)
@@ -513,140 +513,52 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
         progress: show a progress bar. ``curvature_options``: extra ``fit_preconditioner`` arguments
             (``oversample``, ``n_iter``, ``seed``, ``lissa_depth``, ...).
     """
-    from fastinf.store import GradientStore
-
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if topk_side not in ("test", "train", "both"):
-        raise ConfigError(f"topk_side must be 'test', 'train' or 'both'; got {topk_side!r}")
-    if topk_tokens is not None and method != "tracin_we":
-        raise ConfigError("topk_tokens applies to method='tracin_we' only")
-    if rank is not None and method != "if" and not (method == "selfinf" and (curvature or "if") == "if"):
-        raise ConfigError(f"rank= applies to the 'if' solver only; got method={method!r}")
-    if block_bytes < (1 << 16):
-        raise ConfigError(f"block_bytes must be at least 64 KiB; got {block_bytes}")
+    _check_arguments(method, rank=rank, curvature=curvature, topk_tokens=topk_tokens, topk_side=topk_side,
+                     checkpoints=checkpoints, block_bytes=block_bytes)
     dt = _dtype(precision)
-
-    def as_store(s: Any) -> Any:
-        return GradientStore.open(s) if isinstance(s, (str, Path)) else s
-
-    test_store, train_store = as_store(test_store), as_store(train_store)
     curv = dict(curvature_options or {})
     if damping is not None:
         curv["damping"] = Damping.parse(damping)
     if rank is not None:
         curv["rank"] = rank
-
-    # ---- the (test, train, weight) terms
-    if method == "tracin" and checkpoints:
-        if test_store is not None or train_store is not None:
-            raise ConfigError("tracin with checkpoints=[...] takes its stores from the checkpoints; pass "
-                              "test_store=None and train_store=None")
-        terms = [_Term(as_store(t), as_store(g), float(lr)) for t, g, lr in checkpoints]
-        for t in terms:
-            if not (isinstance(t.weight, float) and math.isfinite(t.weight)):
-                raise ConfigError(f"checkpoint learning rates must be finite numbers; got {t.weight}")
-            _check_rows_match(terms[0].test, t.test, "test")
-            _check_rows_match(terms[0].train, t.train, "train")
-    elif checkpoints:
-        raise ConfigError(f"checkpoints= applies to method='tracin' only; got method={method!r}")
-    else:
-        if train_store is None:
-            raise ConfigError("score() needs a train store")
-        if test_store is None and method not in ("selfinf", "loss"):
-            raise ConfigError(f"method {method!r} needs a test store (only selfinf and loss do without)")
-        terms = [_Term(test_store, train_store, 1.0)]
+    terms = _make_terms(method, _open(test_store), _open(train_store), checkpoints)
     test, train = terms[-1].test, terms[-1].train
-
-    # ---- units and row masks
-    one_row = method in ("selfinf", "loss")
-    if method == "loss":
-        units = [_pseudo_unit("loss", "head", n_blocks_of(train), "baseline.loss", 1)]
-        loss = np.asarray(train.meta.loss, np.float64)
-        keep_train = np.isfinite(loss)
-        if not keep_train.all() and not drop_nonfinite:
-            raise nonfinite_error(f"the train losses of {train.path}", np.asarray(train.meta.ids)[~keep_train])
-        keep_test = np.ones(1, bool)
-    elif method == "repsim":
-        reps_q = _extra_or_raise(test, "reps", method, "reps=True (CLI --reps)")
-        reps_g = _extra_or_raise(train, "reps", method, "reps=True (CLI --reps)")
-        if reps_q.shape[1:] != reps_g.shape[1:]:
-            raise StoreMismatchError(f"representations differ in shape: test {reps_q.shape[1:]} vs train "
-                                     f"{reps_g.shape[1:]}; extract both stores with the same model")
-        train.check_compatible(test, units=[])
-        from fastinf.units import select
-
-        all_units = [_pseudo_unit(f"reps.{b}", "embedding" if b == 0 else "linear", b - 1, "repsim",
-                                  reps_g.shape[2]) for b in range(reps_g.shape[1])]
-        units = select(all_units, layers) if layers is not None else all_units
-        keep_test, keep_train = _nonfinite_extra(test, reps_q), _nonfinite_extra(train, reps_g)
-        _refuse_nonfinite(test, keep_test, train, keep_train, drop_nonfinite, "representations")
-    elif method == "tracin_we":
-        tok_q = _extra_or_raise(test, "tokens", method, "token_grads=True (CLI --token-grads)")
-        tok_g = _extra_or_raise(train, "tokens", method, "token_grads=True (CLI --token-grads)")
-        eg_q = _extra_or_raise(test, "embed_grads", method, "token_grads=True (CLI --token-grads)")
-        eg_g = _extra_or_raise(train, "embed_grads", method, "token_grads=True (CLI --token-grads)")
-        if eg_q.shape[2] != eg_g.shape[2]:
-            raise StoreMismatchError(f"embedding gradients differ in width: test d={eg_q.shape[2]} vs train "
-                                     f"d={eg_g.shape[2]}; extract both stores with the same model")
-        train.check_compatible(test, units=[])
-        emb = [u for u in train.units if u.kind == "embedding"]
-        units = emb[:1] or [_pseudo_unit("embed_tokens", "embedding", -1, "embed", int(eg_g.shape[2]),
-                                         d_in=int(max(np.max(tok_g), np.max(tok_q))) + 1)]
-        keep_test, keep_train = _nonfinite_extra(test, eg_q), _nonfinite_extra(train, eg_g)
-        _refuse_nonfinite(test, keep_test, train, keep_train, drop_nonfinite, "embedding gradients")
-    else:
-        if method == "selfinf":
-            from fastinf.units import select
-
-            units = select(train.units, layers) if layers is not None else list(train.units)
-            keep_train = _finite_rows(train, [u.name for u in units])
-            if not keep_train.all() and not drop_nonfinite:
-                raise nonfinite_error(f"the train store {train.path}", np.asarray(train.meta.ids)[~keep_train])
-            keep_test = np.ones(1, bool)
-        else:
-            units = _resolve_units(test, train, layers)
-            for t in terms[:-1]:
-                _resolve_units(t.test, t.train, [u.name for u in units] if layers is not None else None)
-            keep_test, keep_train = _keep_masks(terms, [u.name for u in units], drop_nonfinite)
+    setup = _SETUPS.get(method, _setup_pairwise)(method, terms, layers, drop_nonfinite)
+    keep_test, keep_train = setup.keep_test, setup.keep_train
     if not keep_train.any() or not keep_test.any():
         raise StoreError("no test or no train sample is left after dropping samples with NaN/inf values")
+    k_max = max((train.feature_dim(u.name) for u in setup.units if u.name in train.unit_names), default=1)
+    plan = _Plan(method, setup.units, terms, keep_test, keep_train,
+                 _test_block_rows(k_max, len(keep_test), block_bytes), dt, drop=drop_nonfinite)
 
-    k_max = max((train.feature_dim(u.name) for u in units if u.name in train.unit_names), default=1)
-    plan = _Plan(method, units, terms, keep_test, keep_train, _test_block_rows(k_max, len(keep_test), block_bytes), dt,
-                 drop=drop_nonfinite)
-
-    # ---- output
-    test_ids = np.array([-1]) if one_row else np.asarray(test.meta.ids)[keep_test]
-    test_correct = None if one_row else np.asarray(test.meta.correct, bool)[keep_test]
+    log.info("score %s: %d unit(s), %d test x %d train rows kept, test blocks of %d rows, precision %s",
+             method, len(setup.units), int(keep_test.sum()), int(keep_train.sum()), plan.test_rows, precision)
+    one_row = method in ("selfinf", "loss")
     params = {"method": method, "layers": layers if layers is None or isinstance(layers, str) else list(layers),
               "damping": None if damping is None else Damping.parse(damping).describe(), "rank": rank,
               "curvature": curvature, "topk_tokens": topk_tokens, "topk_side": topk_side,
-              "drop_nonfinite": drop_nonfinite, "precision": precision,
+              "drop_nonfinite": drop_nonfinite, "precision": precision, "block_bytes": block_bytes,
               "dropped_test_ids": [] if one_row else np.asarray(test.meta.ids)[~keep_test].tolist(),
               "dropped_train_ids": np.asarray(train.meta.ids)[~keep_train].tolist()}
     tmp = out is None
     root = Path(tempfile.mkdtemp(prefix="fastinf-scores-")) if tmp else Path(out)
-    writer = ScoreSetWriter(root, method=method, units=units, test_ids=test_ids,
-                            train_ids=np.asarray(train.meta.ids)[keep_train], test_correct=test_correct,
-                            params=params, sources=_sources(terms) if test is not None else
-                            {"train": str(train.path), "train_fingerprint": train.fingerprint},
-                            overwrite=overwrite or tmp)
+    writer = ScoreSetWriter(
+        root, method=method, units=setup.units, train_ids=np.asarray(train.meta.ids)[keep_train],
+        test_ids=np.array([-1]) if one_row else np.asarray(test.meta.ids)[keep_test],
+        test_correct=None if one_row else np.asarray(test.meta.correct, bool)[keep_test],
+        params=params, sources=_sources(terms), overwrite=overwrite or tmp)
     try:
-        total = _n_steps(plan, train, block_bytes)
-        with _progress(total, progress, f"score {method}") as bar:
+        with _progress(_n_steps(plan, train, block_bytes), progress, f"score {method}") as bar:
             if method == "loss":
-                writer.write(0, 0, 0, (-loss[keep_train]).astype(np.float32)[None, :])
+                writer.write(0, 0, 0, (-setup.loss[keep_train]).astype(np.float32)[None, :])
                 bar.update(1)
             elif method == "selfinf":
                 _score_selfinf(plan, writer, curvature or "if", curv, block_bytes, bar)
             elif method == "repsim":
-                _score_repsim(plan, writer, reps_q, reps_g, block_bytes, bar)
+                _score_repsim(plan, writer, test.extra("reps"), train.extra("reps"), block_bytes, bar)
             elif method == "tracin_we":
                 _score_tracin_we(plan, writer, test, train, topk_tokens, topk_side, block_bytes, bar)
             else:
-                if curvature is not None:
-                    raise ConfigError(f"curvature= applies to selfinf; {method!r} fixes its own solver")
                 _score_pairwise(plan, writer, curv, block_bytes, bar)
         result = writer.finalize()
     except BaseException:
@@ -655,6 +567,132 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
     if tmp:
         weakref.finalize(result, shutil.rmtree, str(root), True)
     return result
+
+
+def _open(store: Any) -> Any:
+    """A GradientStore from a store object, a path, or None."""
+    if isinstance(store, (str, Path)):
+        from fastinf.store import GradientStore
+
+        return GradientStore.open(store)
+    return store
+
+
+def _check_arguments(method: str, *, rank: int | None, curvature: str | None, topk_tokens: int | None,
+                     topk_side: str, checkpoints: Any, block_bytes: int) -> None:
+    """Refuse option combinations that do not apply to ``method`` (before any work or output)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if topk_side not in ("test", "train", "both"):
+        raise ConfigError(f"topk_side must be 'test', 'train' or 'both'; got {topk_side!r}")
+    if topk_tokens is not None and method != "tracin_we":
+        raise ConfigError("topk_tokens applies to method='tracin_we' only")
+    if curvature is not None and method != "selfinf":
+        raise ConfigError(f"curvature= applies to method='selfinf' only; {method!r} fixes its own solver")
+    if rank is not None and method != "if" and not (method == "selfinf" and (curvature or "if") == "if"):
+        raise ConfigError(f"rank= applies to the 'if' solver only; got method={method!r}")
+    if checkpoints and method != "tracin":
+        raise ConfigError(f"checkpoints= applies to method='tracin' only; got method={method!r}")
+    if block_bytes < (1 << 16):
+        raise ConfigError(f"block_bytes must be at least 64 KiB; got {block_bytes}")
+
+
+def _make_terms(method: str, test: Any, train: Any, checkpoints: Any) -> list[_Term]:
+    """The (test, train, weight) triples: one, or one per tracin checkpoint."""
+    if method == "tracin" and checkpoints:
+        if test is not None or train is not None:
+            raise ConfigError("tracin with checkpoints=[...] takes its stores from the checkpoints; pass "
+                              "test_store=None and train_store=None")
+        terms = [_Term(_open(t), _open(g), float(lr)) for t, g, lr in checkpoints]
+        for t in terms:
+            if not math.isfinite(t.weight):
+                raise ConfigError(f"checkpoint learning rates must be finite numbers; got {t.weight}")
+            _check_rows_match(terms[0].test, t.test, "test")
+            _check_rows_match(terms[0].train, t.train, "train")
+        return terms
+    if train is None:
+        raise ConfigError("score() needs a train store")
+    if test is None and method not in ("selfinf", "loss"):
+        raise ConfigError(f"method {method!r} needs a test store (only selfinf and loss do without)")
+    return [_Term(test, train, 1.0)]
+
+
+@dataclass
+class _Setup:
+    """What a method scores: its units and the test / train rows kept."""
+
+    units: list
+    keep_test: np.ndarray
+    keep_train: np.ndarray
+    loss: np.ndarray | None = None
+
+
+def _setup_pairwise(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    test, train = terms[-1].test, terms[-1].train
+    units = _resolve_units(test, train, layers)
+    for t in terms[:-1]:
+        _resolve_units(t.test, t.train, [u.name for u in units])
+    return _Setup(units, *_keep_masks(terms, [u.name for u in units], drop))
+
+
+def _setup_selfinf(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    from fastinf.units import select
+
+    train = terms[-1].train
+    units = select(train.units, layers) if layers is not None else list(train.units)
+    keep_train = _finite_rows(train, [u.name for u in units])
+    if not keep_train.all() and not drop:
+        raise nonfinite_error(f"the train store {train.path}", np.asarray(train.meta.ids)[~keep_train])
+    return _Setup(units, np.ones(1, bool), keep_train)
+
+
+def _setup_loss(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    train = terms[-1].train
+    loss = np.asarray(train.meta.loss, np.float64)
+    keep_train = np.isfinite(loss)
+    if not keep_train.all() and not drop:
+        raise nonfinite_error(f"the train losses of {train.path}", np.asarray(train.meta.ids)[~keep_train])
+    unit = _pseudo_unit("loss", "head", _n_blocks_of(train), "baseline.loss", 1)
+    return _Setup([unit], np.ones(1, bool), keep_train, loss)
+
+
+def _setup_repsim(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    from fastinf.units import select
+
+    test, train = terms[-1].test, terms[-1].train
+    reps_q = _extra_or_raise(test, "reps", method, "reps=True (CLI --reps)")
+    reps_g = _extra_or_raise(train, "reps", method, "reps=True (CLI --reps)")
+    if reps_q.shape[1:] != reps_g.shape[1:]:
+        raise StoreMismatchError(f"representations differ in shape: test {reps_q.shape[1:]} vs train "
+                                 f"{reps_g.shape[1:]}; extract both stores with the same model")
+    train.check_compatible(test, units=[])
+    # reps[:, 0] is the embedding output (block -1), reps[:, b] the output of block b - 1
+    units = [_pseudo_unit(f"reps.{b}", "embedding" if b == 0 else "linear", b - 1, "repsim", reps_g.shape[2])
+             for b in range(reps_g.shape[1])]
+    units = select(units, layers) if layers is not None else units
+    keep_test, keep_train = _nonfinite_extra(test, reps_q), _nonfinite_extra(train, reps_g)
+    _refuse_nonfinite(test, keep_test, train, keep_train, drop, "representations")
+    return _Setup(units, keep_test, keep_train)
+
+
+def _setup_tracin_we(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    test, train = terms[-1].test, terms[-1].train
+    how = "token_grads=True (CLI --token-grads)"
+    tok_q, tok_g = _extra_or_raise(test, "tokens", method, how), _extra_or_raise(train, "tokens", method, how)
+    eg_q, eg_g = _extra_or_raise(test, "embed_grads", method, how), _extra_or_raise(train, "embed_grads", method, how)
+    if eg_q.shape[2] != eg_g.shape[2]:
+        raise StoreMismatchError(f"embedding gradients differ in width: test d={eg_q.shape[2]} vs train "
+                                 f"d={eg_g.shape[2]}; extract both stores with the same model")
+    train.check_compatible(test, units=[])
+    emb = [u for u in train.units if u.kind == "embedding"]
+    units = emb[:1] or [_pseudo_unit("embed_tokens", "embedding", -1, "embed", int(eg_g.shape[2]),
+                                     d_in=int(max(np.max(tok_g), np.max(tok_q))) + 1)]
+    keep_test, keep_train = _nonfinite_extra(test, eg_q), _nonfinite_extra(train, eg_g)
+    _refuse_nonfinite(test, keep_test, train, keep_train, drop, "embedding gradients")
+    return _Setup(units, keep_test, keep_train)
+
+
+_SETUPS = {"selfinf": _setup_selfinf, "loss": _setup_loss, "repsim": _setup_repsim, "tracin_we": _setup_tracin_we}
 
 
 def _refuse_nonfinite(test: Any, keep_test: np.ndarray, train: Any, keep_train: np.ndarray, drop: bool,
@@ -666,7 +704,7 @@ def _refuse_nonfinite(test: Any, keep_test: np.ndarray, train: Any, keep_train: 
             raise nonfinite_error(f"the {what} of the {side} store {store.path}", np.asarray(store.meta.ids)[~keep])
 
 
-def n_blocks_of(store: Any) -> int:
+def _n_blocks_of(store: Any) -> int:
     from fastinf.units import n_blocks
 
     return n_blocks(store.units)

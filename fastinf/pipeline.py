@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,7 +325,7 @@ class _Runner:
             if ex.cost_repeats > 0:
                 mdl, tk = model_tok()
                 costs = measure_group_costs(mdl, tk, noisy_train, self.named_groups(units), units,
-                                            stores["train"], cfg, progress=False)
+                                            stores["train"], cfg)
             (sdir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
             return {}
 
@@ -496,49 +495,52 @@ def _itemsize(dtype: str) -> int:
 
 
 def measure_group_costs(model, tokenizer, ds, named_groups: dict[str, list[str]], units, train_store,
-                        cfg: RunConfig, *, progress: bool = False) -> list[dict[str, Any]]:
-    """Time an extraction restricted to each named group on ``extract.cost_samples`` samples (and all units).
+                        cfg: RunConfig) -> list[dict[str, Any]]:
+    """Per-group extraction cost: the capture of one batch of ``extract.cost_samples`` training samples
+    (forward + backward to the group's lowest unit + its projections), restricted to the group's units.
 
-    After one warm-up run, each group is timed ``repeats`` times and the fastest compute time kept: the
-    minimum is the estimate least disturbed by other processes on a shared machine.
+    The same batch is used for every group and for all units; after one warm-up call each is timed
+    ``extract.cost_repeats`` times and the fastest kept, the estimate least disturbed by other
+    processes on a shared machine.
     """
-    from fastinf.extract import ExtractStats, extract
+    import torch
+
+    from fastinf.capture import features_for_batch
+    from fastinf.projection import ProjectionSpec, UnitProjector
 
     ex = cfg.extract
-    repeats = ex.cost_repeats
-    sample = ds.subset(np.arange(min(ex.cost_samples, len(ds))))
-    itemsize = _itemsize(ex.dtype)
+    rows = np.arange(min(ex.cost_samples, len(ds)))
+    texts = [ds.texts[i] for i in rows]
+    pairs = [ds.text_pairs[i] for i in rows] if ds.text_pairs is not None else None
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=cfg.model.max_length,
+                    return_tensors="pt")
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch["labels"] = torch.as_tensor(ds.labels[rows], dtype=torch.long)
+    spec = ProjectionSpec.parse(ex.proj, seed=0)
+    by_name = {u.name: u for u in units}
+    projectors = {u.name: UnitProjector(u, spec, device=torch.device("cpu")) for u in units}
+
+    def fastest(names: list[str]) -> float:
+        sel = [by_name[n] for n in names]
+        best = float("inf")
+        for _ in range(ex.cost_repeats):
+            t = time.perf_counter()
+            features_for_batch(model, sel, projectors, batch, "seq-cls")
+            best = min(best, time.perf_counter() - t)
+        return best
+
     all_names = [u.name for u in units]
-
-    def once(names: list[str]) -> float:
-        with tempfile.TemporaryDirectory(prefix="fastinf-cost-") as tmp:
-            stats = ExtractStats()
-            extract(model, tokenizer, sample, Path(tmp) / "s", layers=[_exact(n) for n in names], proj=ex.proj,
-                    dtype=ex.dtype, batch_size=ex.batch_size, max_length=cfg.model.max_length,
-                    progress=progress, stats=stats)
-            return stats.compute_s
-
-    once(all_names)                      # warm-up (allocator, kernels, lazy imports)
-    times = {g: min(once(names) for _ in range(repeats)) for g, names in named_groups.items()}
-    t_all = min([once(all_names) for _ in range(repeats)]
-                + [t for g, t in times.items() if sorted(named_groups[g]) == sorted(all_names)])
+    features_for_batch(model, units, projectors, batch, "seq-cls")          # warm-up
+    t_all = fastest(all_names)
+    itemsize = _itemsize(ex.dtype)
     out = []
     for g, names in named_groups.items():
-        t = times[g]
-        out.append({"group": g, "n_units": len(names),
-                    "bytes_per_sample": int(sum(train_store.feature_dim(n) for n in names) * itemsize),
-                    "extract_s_per_1k": 1000.0 * t / len(sample), "extract_share": t / t_all if t_all > 0 else None,
-                    "feature_dim": int(sum(train_store.feature_dim(n) for n in names))})
+        t = t_all if sorted(names) == sorted(all_names) else fastest(names)
+        dim = int(sum(train_store.feature_dim(n) for n in names))
+        out.append({"group": g, "n_units": len(names), "bytes_per_sample": dim * itemsize,
+                    "extract_s_per_1k": 1000.0 * t / rows.size, "extract_share": t / t_all if t_all > 0 else None,
+                    "feature_dim": dim})
     return out
-
-
-def _exact(name: str) -> str:
-    """A selector term matching exactly one unit name (glob metacharacters escaped)."""
-    if any(c in name for c in "*?["):
-        import re
-
-        return "re:^" + re.escape(name) + "$"
-    return name
 
 
 def _apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store,

@@ -120,8 +120,15 @@ def _orthonormal_rows(k: int, d: int, gen_seed: int) -> torch.Tensor:
 def _cached_matrices(name: str, d_out: int, d_in: int, bias: bool, k_out: int, k_in: int,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (d_out, d_in)
-    p_out = _orthonormal_rows(k_out, d_out, _derived_seed(seed, name, shape, bias, "out"))
-    p_in = _orthonormal_rows(k_in, d_in + int(bias), _derived_seed(seed, name, shape, bias, "in"))
+    # Thin QRs are tiny: one thread is faster than a thread pool (which stalls on a busy machine), and
+    # the result does not depend on the thread count either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p_out = _orthonormal_rows(k_out, d_out, _derived_seed(seed, name, shape, bias, "out"))
+        p_in = _orthonormal_rows(k_in, d_in + int(bias), _derived_seed(seed, name, shape, bias, "in"))
+    finally:
+        torch.set_num_threads(threads)
     return p_out.float(), p_in.float()
 
 
@@ -146,26 +153,55 @@ def _as_btd(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs (exact references)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _project_in(x: torch.Tensor, P_in: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``P_in [x_t, 1]`` for every token, token-minor: x [B, T, d_in] (or [B, d_in]) -> [k_in, B*T].
+
+    Written as ``P @ Xᵀ`` (k rows of output) rather than ``X @ Pᵀ``: BLAS runs the k-row product far
+    better than the skinny k-column one. The bias column is added as a broadcast, not an extra GEMM.
+    """
+    x = _as_btd(x)
+    B, T, d_in = x.shape
+    P = P_in.to(_acc_dtype(x))
+    px = P[:, :d_in] @ x.reshape(B * T, d_in).to(P.dtype).T                    # (k_in, B*T)
+    if bias:
+        px += P[:, d_in:d_in + 1]
+    return px
+
+
+def _project_out(g: torch.Tensor, P_out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``m_t P_out g_t`` for every token, token-minor: g [B, T, d_out] -> [k_out, B*T]. The mask is
+    applied after the projection (k_out numbers per token instead of d_out)."""
+    g = _as_btd(g)
+    B, T, d_out = g.shape
+    P = P_out.to(_acc_dtype(g))
+    pg = P @ g.reshape(B * T, d_out).to(P.dtype).T                             # (k_out, B*T)
+    if mask is not None:
+        pg *= mask.reshape(1, B * T).to(pg.dtype)
+    return pg
+
+
+def _kron_combine(pg: torch.Tensor, px: torch.Tensor, B: int) -> torch.Tensor:
+    """``φ_b = Σ_t pg[:, b, t] px[:, b, t]ᵀ``: [k_out, B*T] x [k_in, B*T] -> [B, k_out, k_in]."""
+    k_out, k_in = pg.shape[0], px.shape[0]
+    T = pg.shape[1] // B
+    return torch.bmm(pg.view(k_out, B, T).transpose(0, 1), px.view(k_in, B, T).permute(1, 2, 0))
+
+
 def _kron_project(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, P_in: torch.Tensor,
                   P_out: torch.Tensor, bias: bool) -> torch.Tensor:
     """``φ_b = Σ_t m_bt (P_out g_bt)(P_in [x_bt, 1])ᵀ`` -> ``[B, k_out, k_in]`` float32.
 
-    x: [B, T, d_in], g: [B, T, d_out], mask: [B, T] (1 keep, 0 drop) or None; P_in: [k_in, d_in + bias],
-    P_out: [k_out, d_out]. Both sides are projected first (two GEMMs over B·T rows), then one batched
-    (k_out × T) @ (T × k_in) product; ``∇W`` is never formed.
+    x: [B, T, d_in] (or [B, d_in]: one token), g: [B, T, d_out], mask: [B, T] (1 keep, 0 drop) or
+    None; P_in: [k_in, d_in + bias], P_out: [k_out, d_out]. Both sides are projected first (two GEMMs
+    over all B·T tokens), then one batched (k_out × T) @ (T × k_in) product; ``∇W`` is never formed.
     """
-    x, g = _as_btd(x), _as_btd(g)
-    B, T, d_in = x.shape
-    dt = torch.float32
-    x = x.to(dt)
-    g = g.to(dt)
-    if mask is not None:
-        g = g * mask.reshape(B, T, 1).to(dt)
-    px = (x.reshape(B * T, d_in) @ P_in[:, :d_in].T).reshape(B, T, -1)        # (B, T, k_in)
-    if bias:
-        px = px + P_in[:, d_in]
-    pg = (g.reshape(B * T, -1) @ P_out.T).reshape(B, T, -1)                   # (B, T, k_out)
-    return torch.bmm(pg.transpose(1, 2), px)                                  # (B, k_out, k_in)
+    B = x.shape[0]
+    return _kron_combine(_project_out(g, P_out, mask), _project_in(x, P_in, bias), B)
 
 
 def _embed_project(ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, P_V: torch.Tensor,
@@ -177,20 +213,19 @@ def _embed_project(ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None
     if ids.dim() == 1:
         ids = ids.unsqueeze(1)
     B, T = ids.shape
-    g = _as_btd(g).to(torch.float32)
-    if mask is not None:
-        g = g * mask.reshape(B, T, 1).to(torch.float32)
-    px = P_V.T[ids]                                                           # (B, T, k_in)
-    pg = (g.reshape(B * T, -1) @ P_out.T).reshape(B, T, -1)                   # (B, T, k_out)
-    return torch.bmm(pg.transpose(1, 2), px)
+    pg = _project_out(g, P_out, mask)                                         # (k_out, B*T)
+    px = P_V.T.to(pg.dtype)[ids.reshape(-1)].T                                # (k_in, B*T) gather
+    return _kron_combine(pg, px, B)
 
 
 def _exact_linear(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, bias: bool) -> torch.Tensor:
-    """``[∇W.flatten() (d_out × d_in row-major), ∇b]`` per sample -> [B, exact_dim] float32."""
-    x, g = _as_btd(x).to(torch.float32), _as_btd(g).to(torch.float32)
+    """``[∇W.flatten() (d_out × d_in row-major), ∇b]`` per sample -> [B, exact_dim] float32 (float64
+    for float64 inputs)."""
+    dt = _acc_dtype(g)
+    x, g = _as_btd(x).to(dt), _as_btd(g).to(dt)
     B, T, _ = x.shape
     if mask is not None:
-        g = g * mask.reshape(B, T, 1).to(torch.float32)
+        g = g * mask.reshape(B, T, 1).to(dt)
     gw = torch.bmm(g.transpose(1, 2), x).reshape(B, -1)                       # (B, d_out*d_in)
     if bias:
         gw = torch.cat([gw, g.sum(dim=1)], dim=1)
@@ -198,15 +233,16 @@ def _exact_linear(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, b
 
 
 def _exact_embedding(ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    """``∇(Eᵀ)`` (hidden × vocabulary, row-major) per sample -> [B, d * V] float32 (a scatter-add)."""
+    """``∇(Eᵀ)`` (hidden × vocabulary, row-major) per sample -> [B, d * V] (a scatter-add)."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(1)
     B, T = ids.shape
-    g = _as_btd(g).to(torch.float32)
+    dt = _acc_dtype(g)
+    g = _as_btd(g).to(dt)
     if mask is not None:
-        g = g * mask.reshape(B, T, 1).to(torch.float32)
+        g = g * mask.reshape(B, T, 1).to(dt)
     d = g.shape[-1]
-    rows = torch.zeros(B, vocab, d, dtype=torch.float32, device=g.device)     # ∇E per sample (B, V, d)
+    rows = torch.zeros(B, vocab, d, dtype=dt, device=g.device)                # ∇E per sample (B, V, d)
     rows.scatter_add_(1, ids.unsqueeze(-1).expand(B, T, d), g)
     return rows.transpose(1, 2).reshape(B, -1)
 
@@ -234,7 +270,8 @@ def _kernels_for(*tensors: torch.Tensor):
 
 
 class UnitProjector:
-    """Turns one unit's captured ``(x, g, mask)`` into per-sample features ``[B, feature_dim]`` (float32).
+    """Turns one unit's captured ``(x, g, mask)`` into per-sample features ``[B, feature_dim]`` (float32;
+    float64 when the model runs in float64, e.g. for exact references).
 
     ``x`` is the unit input ([B, T, d_in] or [B, d_in]; token ids [B, T] for the embedding), ``g`` the
     gradient of the summed per-sample loss w.r.t. the unit output (same leading shape, last dim d_out),

@@ -59,6 +59,7 @@ METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
 DIRECTIONS = ("proponents", "opponents", "both")
 _PRECONDITIONED = ("if", "datainf", "lissa")
 _PAIR_CHUNK = 1 << 22  # float64 elements per re-scoring chunk (32 MB)
+_INDEX_FILE = re.compile(r"manifest\.json(\.\d+\.tmp)?|g\d+\.faiss|\.g\d+\.faiss\.\d+\.tmp")
 
 __all__ = ["build_index", "open_index", "search", "Index", "GroupFeatures", "METHODS", "DIRECTIONS"]
 
@@ -209,8 +210,11 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         raise ConfigError(f"backend must be auto, faiss or exact; got {backend!r}")
     if store.n == 0:
         raise ConfigError(f"store {store.path} has no rows; extract a non-empty train set first")
+    _refuse_nonfinite(store, "train")
     if block_size <= 0:
         raise ConfigError(f"block_size must be positive, got {block_size}")
+    if train_size is not None and train_size <= 0:
+        raise ConfigError(f"train_size must be positive, got {train_size}")
     if backend == "auto":
         try:
             sb.faiss_module()
@@ -233,7 +237,7 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa, not {method}")
 
     normalize = method == "gradcos"
-    built, n_lists = [], None
+    built, n_lists, used_train = [], None, None
     for gi, g in enumerate(group_specs):
         if backend == "exact":
             built.append(g)
@@ -242,8 +246,7 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         index = sb.make_index(g.dim, factory)
         n_lists = sb.nlist(index)
         size = min(store.n, train_size or _default_train_size(store.n, n_lists))
-        if train_size is not None and train_size <= 0:
-            raise ConfigError(f"train_size must be positive, got {train_size}")
+        used_train = None if index.is_trained else size
         sample = lambda f=feats, s=size: f.gather(_sample_rows(store.n, s, seed)).astype(np.float32)  # noqa: E731
         index = sb.populate(index, sample, feats.blocks(block_size), factory)
         file = f"g{gi}.faiss"
@@ -261,11 +264,23 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         normalize=normalize, backend=backend, factory=factory if backend == "faiss" else None,
         nprobe=(nprobe or sb.default_nprobe(n_lists)) if backend == "faiss" else None, groups=built,
         precond={"kwargs": {k: str(v) for k, v in precond_kwargs.items()}, "fingerprints": fingerprints},
-        build={"train_size": train_size, "seed": seed, "block_size": block_size, "nlist": n_lists,
+        build={"train_size": used_train, "seed": seed, "block_size": block_size, "nlist": n_lists,
                "seconds": round(time.perf_counter() - t0, 3)},
         fastinf_version=__version__, faiss_version=_faiss_version() if backend == "faiss" else None)
     write_manifest(directory, manifest)
     return Index(directory, manifest, store, _precond_kwargs=precond_kwargs)
+
+
+def _refuse_nonfinite(store: Any, side: str) -> None:
+    """NaN/inf rows would poison inner-product search (FAISS has no notion of them): refuse, naming ids."""
+    bad = store.nonfinite
+    if bad:
+        from fastinf.errors import NonFiniteError
+
+        ids = [d.get("id") for d in bad[:10]]
+        raise NonFiniteError(f"{side} store {store.path} has {len(bad)} samples with NaN/inf features (ids {ids}"
+                             f"{' ...' if len(bad) > 10 else ''}); retrieval cannot rank them. Re-extract without "
+                             "those samples (or in fp32 if fp16 overflowed)")
 
 
 def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
@@ -283,10 +298,15 @@ def _faiss_version() -> str | None:
 
 
 def _prepare_dir(directory: Path, overwrite: bool) -> None:
+    """Create ``directory``; an existing index there is replaced only with ``overwrite`` (never other files)."""
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise ConfigError(f"index directory {directory} already exists; pass overwrite=True (CLI --overwrite) "
                               "to rebuild it, or choose another --name/--out")
+        foreign = [p.name for p in directory.iterdir() if not _INDEX_FILE.fullmatch(p.name)]
+        if foreign:
+            raise ConfigError(f"{directory} holds files that are not part of a fastinf index ({foreign[:3]}); "
+                              "refusing to overwrite it: choose an empty or new --out directory")
         (directory / "manifest.json").unlink(missing_ok=True)  # incomplete until the new manifest lands
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -464,17 +484,21 @@ class Index:
         for a in range(0, q.m, query_block):
             b = min(q.m, a + query_block)
             qvs = {g.name: self.query_vectors(q, g, a, b) for g in self.groups}
-            for d in dirs:
-                sign = 1.0 if d == "proponents" else -1.0
-                lists = {}
-                for g in self.groups:
-                    cand = self._candidates(g, sign * qvs[g.name], kk, nprobe, device, block_size)
+            signs = [1.0 if d == "proponents" else -1.0 for d in dirs]
+            lists: dict[str, dict[str, tuple]] = {d: {} for d in dirs}
+            for g in self.groups:
+                # both directions in one search (one pass over the store for the exact backend)
+                stacked = np.concatenate([sign * qvs[g.name] for sign in signs])
+                cand_all = self._candidates(g, stacked, kk, nprobe, device, block_size)
+                for j, (d, sign) in enumerate(zip(dirs, signs)):
+                    cand = cand_all[j * (b - a):(j + 1) * (b - a)]
                     rows, scores = _rerank(cand, self.exact_scores(g, qvs[g.name], cand), sign, k)
-                    lists[g.name] = (rows, scores)
+                    lists[d][g.name] = (rows, scores)
                     if aggregate is None:
                         parts.append(_rows_result(a, rows, scores, g.name, d, q.ids, train_ids))
+            for d, sign in zip(dirs, signs):
                 if aggregate is not None:
-                    parts.append(self._aggregate_block(a, qvs, lists, d, sign, k, aggregate, vote_p,
+                    parts.append(self._aggregate_block(a, qvs, lists[d], d, sign, k, aggregate, vote_p,
                                                        q.ids, train_ids))
         info = {"method": self.manifest.method, "k": k, "direction": direction, "backend": self.manifest.backend,
                 "factory": self.manifest.factory, "nprobe": nprobe or self.manifest.nprobe,
@@ -530,6 +554,11 @@ class Index:
                 if x.ndim != 2 or x.shape[1] != want:
                     raise ConfigError(f"query features of unit {u!r} have shape {x.shape}; expected [M, {want}] "
                                       "(dimension mismatch: extract queries with the train store's projection)")
+                if not np.isfinite(x).all():
+                    from fastinf.errors import NonFiniteError
+
+                    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))[:10].tolist()
+                    raise NonFiniteError(f"query features of unit {u!r} hold NaN/inf at rows {rows}; fix the queries")
                 if m is not None and x.shape[0] != m:
                     raise ConfigError(f"query arrays disagree on M: {m} vs {x.shape[0]} rows for unit {u!r}")
                 m = x.shape[0]
@@ -540,6 +569,7 @@ class Index:
         qs = queries if isinstance(queries, GradientStore) else GradientStore.open(queries)
         if qs.n == 0:
             raise ConfigError(f"query store {qs.path} has no rows")
+        _refuse_nonfinite(qs, "query")
         self.store.check_compatible(qs, units=units)
         return _Queries({u: qs.features(u) for u in units}, np.asarray(qs.meta.ids, dtype=np.int64), qs.dtype)
 

@@ -198,9 +198,9 @@ def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k:
         if b.shape[1] != q.shape[1]:
             raise ConfigError(f"queries have {q.shape[1]} features but the train rows have {b.shape[1]}")
         s = q @ b.T  # (M, b)
-        ids = torch.arange(row0, row0 + b.shape[0], device=dev).expand(m, -1)
-        cat_s = torch.cat([best_s, s], dim=1)
-        cat_i = torch.cat([best_i, ids], dim=1)
+        blk = torch.topk(s, min(k, s.shape[1]), dim=1, sorted=False)  # the block's own top-k first
+        cat_s = torch.cat([best_s, blk.values], dim=1)  # (M, <= 2k)
+        cat_i = torch.cat([best_i, blk.indices + row0], dim=1)
         top = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1, sorted=True)
         best_s, best_i = top.values, torch.gather(cat_i, 1, top.indices)
     return best_s.cpu().numpy(), best_i.cpu().numpy()

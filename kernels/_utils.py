@@ -37,14 +37,13 @@ FP32_DOT_ENV = "FASTINF_TRITON_FP32_DOT"
 def dot_precision(*dtypes: torch.dtype) -> str:
     """``tl.dot`` input precision for operands arriving in ``dtypes`` (all upcast to fp32 in registers).
 
-    - Any half-precision operand: "tf32". The inputs' own rounding (fp16 2^-11, bf16 2^-8) is at least
-      the tf32 rounding of the fp32 projection matrices, so tensor-core speed costs no accuracy.
-    - All fp32: "tf32x3" (three tf32 MMAs, a big/small split of each operand): fp32-level accuracy
-      (rel. ~1e-6, the 1e-5 contract) at tensor-core speed; plain FMA "ieee" dots would make the 64x64
+    - Any half-precision operand: "tf32", with every operand rounded to tf32 in the kernel first
+      (tensor cores would truncate). fp16/bf16 values are exact in tf32; the fp32 projection matrices
+      and the projected tiles get an unbiased 2^-11 rounding, below the inputs' own (fp16 2^-11,
+      bf16 2^-8): tensor-core speed at no accuracy cost.
+    - All fp32: "tf32x3" (three tf32 MMAs on a big/small split of each operand): fp32-level accuracy
+      (rel. ~1e-6, the 1e-5 contract) at tensor-core speed; FMA "ieee" dots would make the 64x64
       projection compute-bound. ``FASTINF_TRITON_FP32_DOT=ieee`` selects exact FMA dots instead.
-
-    The small token-reduction dot (pg_tileᵀ px_tile, k_out x k_in per tile) always takes the fp32 choice:
-    it is cheap, and tf32 there would add a second (truncation-biased) rounding to half inputs.
     """
     if all(d == torch.float32 for d in dtypes):
         choice = os.environ.get(FP32_DOT_ENV, "tf32x3").strip().lower()

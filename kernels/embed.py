@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fastinf.kernels import _utils
-from fastinf.kernels.kron import _project_tile, launch_weighted_outer
+from fastinf.kernels.kron import _project_tile, _round_tf32, launch_weighted_outer
 
 
 @_utils.autotune(_utils.projection_configs(), key=["D_OUT", "KI", "KO"], prune=True)
@@ -26,7 +26,7 @@ def _embed_project_kernel(
     sib, sit, sgb, sgt, sgd, smb, smt,
     spv_k, spv_v, spo_k, spo_d, sob, sos, sok, soi,
     HAS_MASK: tl.constexpr, KI: tl.constexpr, KO: tl.constexpr,
-    PREC: tl.constexpr, PREC_OUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -52,8 +52,11 @@ def _embed_project_kernel(
                          mask=t_ok[:, None] & ki_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, KI)
             px = px * m[:, None]
             pg = _project_tile(g_ptr + b * sgb, pout_ptr, offs_t * sgt, t_ok, D_OUT, sgd, spo_k, spo_d,
-                               offs_ko, ko_ok, PREC, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
-            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC_OUTER)                   # (KO, KI)
+                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
+            if ROUND:
+                pg = _round_tf32(pg)
+                px = _round_tf32(px)
+            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)                         # (KO, KI)
 
     out = out_ptr + b * sob + s * sos + offs_ko[:, None] * sok + offs_ki[None, :] * soi
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ko_ok[:, None] & ki_ok[None, :])
@@ -83,7 +86,7 @@ def embed_project(ids: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None,
             *ids.stride(), *g.stride(), smb, smt,
             *P_V.stride(), *P_out.stride(), *so,
             HAS_MASK=m is not None, KI=_utils.padded(k_in), KO=_utils.padded(k_out),
-            PREC=prec, PREC_OUTER=_utils.dot_precision(torch.float32),
+            PREC=prec, ROUND=prec == "tf32",
         )
 
     return launch_weighted_outer(B, T, k_out, k_in, g.device, out_dtype, splits, launch)

@@ -22,10 +22,24 @@ from fastinf.kernels import _utils
 
 
 @triton.jit
+def _round_tf32(v):
+    """Round fp32 to the nearest tf32 (10-bit mantissa, ties away from zero, as ``cvt.rna.tf32.f32``).
+
+    Tensor cores read only the top 19 bits of an fp32 operand, i.e. they truncate: a biased error that
+    adds up over long sums. Rounding first makes the tf32 error unbiased and half as large.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x1000) & -8192        # -8192 = 0xFFFFE000: clear the 13 low mantissa bits
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _project_tile(src_ptr, p_ptr, row_off, t_ok, D, stride_d, stride_pk, stride_pd,
-                  offs_k, k_ok, PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                  KP: tl.constexpr):
-    """(BLOCK_T, KP) fp32 = src[rows, :D] @ P[:, :D]ᵀ, looping over D in BLOCK_D chunks."""
+                  offs_k, k_ok, PREC: tl.constexpr, ROUND: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_D: tl.constexpr, KP: tl.constexpr):
+    """(BLOCK_T, KP) fp32 = src[rows, :D] @ P[:, :D]ᵀ, looping over D in BLOCK_D chunks.
+
+    ROUND (with PREC="tf32"): round the operands to tf32 first (fp16/bf16 inputs are already exact)."""
     acc = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -35,6 +49,9 @@ def _project_tile(src_ptr, p_ptr, row_off, t_ok, D, stride_d, stride_pk, stride_
                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)      # (BLOCK_T, BLOCK_D)
         p = tl.load(p_ptr + offs_k[None, :] * stride_pk + d[:, None] * stride_pd,
                     mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(tl.float32)      # (BLOCK_D, KP)
+        if ROUND:
+            s = _round_tf32(s)
+            p = _round_tf32(p)
         acc = tl.dot(s, p, acc, input_precision=PREC)
     return acc
 
@@ -47,7 +64,7 @@ def _kron_project_kernel(
     sxb, sxt, sxd, sgb, sgt, sgd, smb, smt,
     spi_k, spi_d, spo_k, spo_d, sob, sos, sok, soi,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, KI: tl.constexpr, KO: tl.constexpr,
-    PREC: tl.constexpr, PREC_OUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -71,13 +88,16 @@ def _kron_project_kernel(
             m = t_ok.to(tl.float32)
         if tl.max(tl.abs(m), axis=0) > 0:   # skip all-padding tiles without touching x or g
             px = _project_tile(x_ptr + b * sxb, pin_ptr, offs_t * sxt, t_ok, D_IN, sxd, spi_k, spi_d,
-                               offs_ki, ki_ok, PREC, BLOCK_T, BLOCK_D, KI)               # (BLOCK_T, KI)
+                               offs_ki, ki_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KI)               # (BLOCK_T, KI)
             if HAS_BIAS:
                 px += p_bias[None, :]
             px = px * m[:, None]
             pg = _project_tile(g_ptr + b * sgb, pout_ptr, offs_t * sgt, t_ok, D_OUT, sgd, spo_k, spo_d,
-                               offs_ko, ko_ok, PREC, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
-            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC_OUTER)                   # (KO, KI)
+                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
+            if ROUND:
+                pg = _round_tf32(pg)
+                px = _round_tf32(px)
+            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)                         # (KO, KI)
 
     out = out_ptr + b * sob + s * sos + offs_ko[:, None] * sok + offs_ki[None, :] * soi
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ko_ok[:, None] & ki_ok[None, :])
@@ -136,7 +156,7 @@ def kron_project(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, P_
             *x.stride(), *g.stride(), smb, smt,
             *P_in.stride(), *P_out.stride(), *so,
             HAS_MASK=m is not None, HAS_BIAS=bool(bias), KI=_utils.padded(k_in), KO=_utils.padded(k_out),
-            PREC=prec, PREC_OUTER=_utils.dot_precision(torch.float32),
+            PREC=prec, ROUND=prec == "tf32",
         )
 
     return launch_weighted_outer(B, T, k_out, k_in, x.device, out_dtype, splits, launch)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastinf.kernels import _utils
+from fastinf.kernels.kron import _round_tf32
 
 
 @_utils.autotune(_utils.lowrank_configs(), key=["K", "R"])
@@ -25,7 +26,7 @@ def _lowrank_apply_kernel(
     x_ptr, u_ptr, w_ptr, out_ptr,
     K, N, R, c,
     sxk, sxn, suk, sur, sw, sok, son,
-    RC: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RC: tl.constexpr, PREC: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -41,15 +42,22 @@ def _lowrank_apply_kernel(
                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)      # (BLOCK_K, RC)
             x = tl.load(x_ptr + k[:, None] * sxk + offs_n[None, :] * sxn,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)      # (BLOCK_K, BLOCK_N)
+            if ROUND:   # tf32 operands rounded, not truncated (see kron._round_tf32)
+                u = _round_tf32(u)
+                x = _round_tf32(x)
             z = tl.dot(tl.trans(u), x, z, input_precision=PREC)                          # (RC, BLOCK_N)
         wv = tl.load(w_ptr + offs_r * sw, mask=r_ok, other=0.0).to(tl.float32)
         z = z * wv[:, None]
+        if ROUND:
+            z = _round_tf32(z)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k0
             k_ok = k < K
             io_mask = k_ok[:, None] & n_ok[None, :]
             u = tl.load(u_ptr + k[:, None] * suk + offs_r[None, :] * sur,
                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)      # (BLOCK_K, RC)
+            if ROUND:
+                u = _round_tf32(u)
             out = out_ptr + k[:, None] * sok + offs_n[None, :] * son
             if r0 == 0:
                 x = tl.load(x_ptr + k[:, None] * sxk + offs_n[None, :] * sxn, mask=io_mask, other=0.0)
@@ -80,6 +88,6 @@ def lowrank_apply(X: torch.Tensor, U: torch.Tensor, w: torch.Tensor, c: float, *
     _lowrank_apply_kernel[grid](
         X, U, w, out, K, N, R, float(c),
         *X.stride(), *U.stride(), w.stride(0), *out.stride(),
-        RC=RC, PREC=prec,
+        RC=RC, PREC=prec, ROUND=prec == "tf32",
     )
     return out if buf_dtype == out_dtype else out.to(out_dtype)

@@ -111,6 +111,14 @@ def test_if_absolute_damping_and_lowrank_error_shrinks(pair):
     assert errs[-1] < 0.1 * errs[0]
 
 
+def test_streaming_datainf_equals_literal_formula(pair):
+    """Large-k DataInf (no k×k matrix: one pass over the train store per query block)."""
+    test, train, Q, G, _ = pair
+    s = score(test, train, "datainf", precision="float64", curvature_options={"max_dense_k": 4})
+    for u in s.unit_names:
+        _close(s.unit_scores(u), datainf_reference(Q[u], G[u]))
+
+
 def test_lissa_converges_to_exact_if(pair):
     test, train, Q, G, _ = pair
     g = G["l2"]
@@ -209,8 +217,9 @@ def test_token_rows_sum_repeated_tokens_and_keep_topk():
 def test_repsim_is_cosine_per_block(tmp_path):
     rng = np.random.default_rng(0)
     rq, rg = rng.standard_normal((5, 4, 6)), rng.standard_normal((30, 4, 6))
-    mk = lambda p, r: GradientStore.from_arrays(p, {"u": rng.standard_normal((len(r), 3))}, dtype="float32",  # noqa: E731
-                                                extras={"reps": r.astype(np.float32)})
+    def mk(path, reps):
+        return GradientStore.from_arrays(path, {"u": rng.standard_normal((len(reps), 3))}, dtype="float32",
+                                         extras={"reps": reps.astype(np.float32)})
     s = score(mk(tmp_path / "te", rq), mk(tmp_path / "tr", rg), "repsim", precision="float64")
     assert s.unit_names == ["reps.0", "reps.1", "reps.2", "reps.3"]
     assert [u.block for u in s.units] == [-1, 0, 1, 2]

@@ -2,8 +2,9 @@
 
 Sweeps awkward shapes (odd, non-powers-of-two, larger than one block, T = 1, B = 1), dtypes (fp32,
 fp16, bf16 inputs; fp32/fp16/bf16 outputs), masks (none, bool, float weights, ragged lengths, an all-
-padding sample), strided inputs and token splits. Tolerances: the kernel may differ from the fp32
-reference by rel. 1e-5 with an fp32 output, and by the output rounding (fp16 2e-3, bf16 8e-3) otherwise.
+padding sample), strided inputs and token splits. Tolerances (max |kernel - ref| / max |ref|): 1e-5 for
+fp32 in and out; 2e-3 for fp16/bf16 inputs (the kernels then use tf32 dots on rounded operands, which
+the interpreter reproduces) or an fp16 output; 8e-3 for a bf16 output (its own rounding is 2^-9).
 """
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from fastinf.kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+def tol(in_dt: torch.dtype, out_dt: torch.dtype = torch.float32) -> float:
+    if out_dt == torch.bfloat16:
+        return 8e-3
+    return 1e-5 if in_dt == out_dt == torch.float32 else 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,7 @@ def test_kron_project_matches_reference(kern, shape, in_dt, out_dt):
     want = reference.kron_project(x, g, mask, P_in, P_out, bias=bias, out_dtype=out_dt)
     with K.use_backend("triton"):
         got = K.kron_project(x, g, mask, P_in, P_out, bias=bias, out_dtype=out_dt)
-    _check(got, want, TOL[out_dt], f"kron {shape} {in_dt}->{out_dt}")
+    _check(got, want, tol(in_dt, out_dt), f"kron {shape} {in_dt}->{out_dt}")
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "ragged"])
@@ -88,7 +94,7 @@ def test_kron_project_token_splits_sum_to_the_same_result(kern, splits):
     mask = _mask("ragged", B, T)
     want = reference.kron_project(x, g, mask, P_in, P_out, bias=False, out_dtype=torch.float16)
     got = kern[0].kron_project(x, g, mask, P_in, P_out, bias=False, out_dtype=torch.float16, splits=splits)
-    _check(got, want, TOL[torch.float16], f"kron splits={splits}")
+    _check(got, want, tol(torch.float32, torch.float16), f"kron splits={splits}")
 
 
 def test_kron_project_strided_inputs_and_padding_invariance(kern):
@@ -133,7 +139,7 @@ def test_embed_project_matches_reference(kern, shape, in_dt, out_dt, layout):
     want = reference.embed_project(ids, g, mask, P_V, P_out, out_dtype=out_dt)
     with K.use_backend("triton"):
         got = K.embed_project(ids, g, mask, P_V, P_out, out_dtype=out_dt)
-    _check(got, want, TOL[out_dt], f"embed {shape} {in_dt}->{out_dt} {layout}")
+    _check(got, want, tol(in_dt, out_dt), f"embed {shape} {in_dt}->{out_dt} {layout}")
 
 
 def test_embed_project_token_splits(kern):
@@ -163,11 +169,11 @@ def test_lowrank_apply_matches_reference(kern, shape, dt):
     want = reference.lowrank_apply(X, U, w, c)
     with K.use_backend("triton"):
         got = K.lowrank_apply(X, U, w, c)
-    _check(got, want, TOL[dt], f"lowrank {shape} {dt}")
+    _check(got, want, tol(dt, dt), f"lowrank {shape} {dt}")
 
 
 def test_lowrank_apply_out_dtype_and_zero_damping(kern):
     X, U, w = torch.randn(40, 9, dtype=torch.float16), torch.randn(40, 8), torch.rand(8)
     want = reference.lowrank_apply(X, U, w, 0.0, out_dtype=torch.float32)
     got = kern[2].lowrank_apply(X, U, w, 0.0, out_dtype=torch.float32)
-    _check(got, want, 1e-5, "lowrank fp16 -> fp32, c = 0")
+    _check(got, want, tol(torch.float16), "lowrank fp16 -> fp32, c = 0")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fastinf.errors import ConfigError, StoreError, StoreMismatchError
+from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
 from fastinf.retrieval import build_index, open_index, search
 from fastinf.store import GradientStore
 from tests._retrieval_util import make_stores
@@ -89,6 +89,11 @@ def test_incomplete_existing_and_damaged_index(stores, tmp_path):
     with pytest.raises(ConfigError, match="already exists.*overwrite"):
         build_index(train, out=out)
     build_index(train, out=out, overwrite=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not part of a fastinf index"):
+        build_index(train, out=tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
     (out / "g0.faiss").write_bytes(b"junk")
     with pytest.raises(StoreError, match="truncated or replaced"):
         open_index(out)
@@ -111,3 +116,16 @@ def test_bad_arguments(stores, tmp_path):
         idx.search(test, k=2, direction="sideways")
     with pytest.raises(ConfigError, match="aggregate"):
         idx.search(test, k=2, aggregate="median")
+
+
+def test_nonfinite_rows_refused(stores, tmp_path):
+    train, test = stores
+    x = np.ones((6, 4), np.float32)
+    x[3, 1] = np.nan
+    bad = GradientStore.from_arrays(tmp_path / "nan", {"u": x}, meta={"ids": np.arange(6) + 70})
+    with pytest.raises(NonFiniteError, match=r"ids \[73\]"):
+        build_index(bad, out=tmp_path / "i")
+    idx = build_index(train, out=tmp_path / "j")
+    q = {"u0": np.zeros((2, 16)), "u1": np.full((2, 8), np.inf)}
+    with pytest.raises(NonFiniteError, match=r"rows \[0, 1\]"):
+        idx.search(q, k=2)

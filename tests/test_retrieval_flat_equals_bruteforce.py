@@ -111,3 +111,26 @@ def test_results_parquet_rows_and_cli(stores, tmp_path, capsys):
     assert "matches" in capsys.readouterr().out
     assert main(["search", "--index", str(out), "--queries", str(test.path), "--k", "3"]) == 0
     assert "proponents" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("block", [1, 37, 1000])
+def test_running_topk_equals_one_shot(block):
+    from fastinf.search_backends import exact_topk
+
+    rng = np.random.default_rng(block)
+    Q, X = rng.standard_normal((7, 13)).astype(np.float32), rng.standard_normal((401, 13)).astype(np.float32)
+    blocks = ((a, X[a:a + block]) for a in range(0, len(X), block))
+    scores, rows = exact_topk(Q, blocks, 25, device="cpu")
+    S = Q.astype(np.float64) @ X.T.astype(np.float64)
+    for i in range(len(Q)):
+        assert_topk_matches(rows[i], scores[i].astype(np.float64), S[i], 25, what=f"block {block} q{i}")
+
+
+@pytest.mark.gpu
+def test_exact_backend_on_cuda_equals_cpu(stores, tmp_path):
+    train, test = stores
+    idx = build_index(train, backend="exact", out=tmp_path / "cuda")
+    cpu = idx.search(test, k=11, direction="both", device="cpu")
+    gpu = idx.search(test, k=11, direction="both", device="cuda")
+    assert np.array_equal(cpu.train, gpu.train)
+    np.testing.assert_allclose(cpu.score, gpu.score, rtol=1e-12)

@@ -19,14 +19,14 @@ POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 FILLER = ["the", "a", "movie", "film", "is", "was", "very", "not"]
 
 
-def make_tiny_model_dir(path: Path, n_classes: int = 2) -> str:
-    """A random 2-block BERT (hidden 16) with a word-level vocabulary, saved as an HF directory."""
+def make_tiny_model_dir(path: Path, n_classes: int = 2, n_layers: int = 2) -> str:
+    """A random BERT (``n_layers`` blocks, hidden 16) with a word-level vocabulary, saved as an HF directory."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILLER
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=32, num_labels=n_classes,
                      initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)

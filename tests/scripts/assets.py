@@ -44,10 +44,12 @@ def make_assets(directory: str | Path, n_train: int = 96, n_test: int = 12) -> d
 
 
 def store_files(path: str | Path) -> dict[str, bytes]:
-    """Every file of a store or score set (bytes), except replayable run configs."""
+    """Every file of a store or score set (bytes), except replayable run configs and the caches that
+    scoring adds next to a store (``precond/``, ``index/``)."""
     path = Path(path)
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and not p.name.endswith("_config.json")}
+            if p.is_file() and not p.name.endswith("_config.json")
+            and p.relative_to(path).parts[0] not in ("precond", "index")}
 
 
 if __name__ == "__main__":
