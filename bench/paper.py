@@ -37,11 +37,16 @@ METHODS = ["graddot", "gradcos", "datainf", "if"]
 HOWS = ["mean", "rank", "vote"]
 
 
-def make_config(task: str, *, quick: bool, seeds: list[int], out: Path):
+def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train: int | None = None,
+                n_test: int | None = None, epochs: int | None = None, max_length: int | None = None):
     from fastinf.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
                                 NoiseConfig, RunConfig, ScoreConfig, TrainConfig)
 
-    folder, n_train, n_dev, max_length = TASKS[task]
+    folder, full_train, n_dev, full_length = TASKS[task]
+    n_train = n_train or (600 if quick else full_train)
+    n_test = n_test or (100 if quick else n_dev // 2)
+    max_length = max_length or full_length
+    epochs = epochs or (1 if quick else 3)
     path = GLUE / folder
     if not (path / "train.tsv").is_file():
         sys.exit(f"GLUE data not found at {path}; expected train.tsv and dev.tsv (see shared/data/glue/README.md)")
@@ -50,10 +55,10 @@ def make_config(task: str, *, quick: bool, seeds: list[int], out: Path):
         out=str(out),
         seeds=seeds,
         data=DataConfig(train={"path": str(path), "split": "train"}, test={"path": str(path), "split": "dev"},
-                        n_train=600 if quick else n_train, n_test=100 if quick else n_dev // 2, split_seed=0),
+                        n_train=n_train, n_test=n_test, split_seed=0),
         noise=NoiseConfig(rate=0.2),
         model=ModelConfig(name="minilm", max_length=max_length),
-        train=TrainConfig(epochs=1 if quick else 3, batch_size=32, lr=2e-3, warmup_ratio=0.1,
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_ratio=0.1,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
         extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=32, cost_repeats=2),
         score=ScoreConfig(methods=METHODS[:3] if quick else METHODS),
@@ -113,6 +118,21 @@ def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float
     summary = results["summary"]
     methods = results["config"]["score"]["methods"]
     md = [f"# Paper protocol on {task.upper()}" + (" (quick smoke run)" if quick else ""), ""]
+    d, t = results["config"]["data"], results["config"]["train"]
+    folder, full_train, n_dev, _ = TASKS[task]
+    deviations = []
+    if (d["n_train"] or 0) != (full_train or 0) and not (full_train is None and d["n_train"] is None):
+        deviations.append(f"{d['n_train']} training samples instead of {full_train or 'all'}")
+    if d["n_test"] != n_dev // 2:
+        deviations.append(f"{d['n_test']} influence-set samples instead of {n_dev // 2}")
+    if len(results["setup"]["seeds"]) != 3:
+        deviations.append(f"{len(results['setup']['seeds'])} seed(s) instead of 3")
+    if t["epochs"] != 3:
+        deviations.append(f"{t['epochs']} epoch(s) instead of 3")
+    if deviations:
+        md += ["**Reduced protocol** (the CPU budget of this run did not allow the full one): "
+               + "; ".join(deviations) + ". Conclusions below are about this reduced setting only; "
+               "`python bench/paper.py` runs the full protocol.", ""]
     md.append("Setup: " + ", ".join(f"{k}: {v}" for k, v in results["setup"].items() if k != "chance") + ".")
     md.append(f"Chance: NDR@30 ≈ {results['setup']['chance']['ndr@30']:.3f}, AUC_NDR ≈ "
               f"{results['setup']['chance']['auc_ndr']:.3f}. Fine-tuned held-out accuracy per seed: "
@@ -162,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", choices=["sst2", "mrpc", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="1 seed, 600 train / 100 test samples, 1 epoch")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
+    ap.add_argument("--n-train", type=int, default=None, help="override the training-set size (a reduced run)")
+    ap.add_argument("--n-test", type=int, default=None, help="override the influence-set size")
+    ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default 3)")
+    ap.add_argument("--max-length", type=int, default=None, help="override the token limit")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -175,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     for task in (["sst2", "mrpc"] if args.task == "both" else [args.task]):
         out = REPO / "runs" / f"paper_{task}{'_quick' if args.quick else ''}"
-        cfg = make_config(task, quick=args.quick, seeds=seeds, out=out)
+        cfg = make_config(task, quick=args.quick, seeds=seeds, out=out, n_train=args.n_train, n_test=args.n_test,
+                          epochs=args.epochs, max_length=args.max_length)
         t0 = time.perf_counter()
         res = run_experiment(cfg, echo=lambda m: print(f"[{task} {time.perf_counter() - t0:7.1f}s] {m}", flush=True))
         path = write_outputs(task, res, args.quick, time.perf_counter() - t0, os.getloadavg())

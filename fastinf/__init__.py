@@ -54,6 +54,11 @@ _API: dict[str, str] = {
     "SearchResult": "fastinf.search_results",
     # experiments and scale
     "inject_noise": "fastinf.data",
+    "RunConfig": "fastinf.config",
+    "run_experiment": "fastinf.pipeline",
+    "finetune": "fastinf.train",
+    "load_checkpoint": "fastinf.train",
+    "write_report": "fastinf.report",
     "plan": "fastinf.plan",
 }
 

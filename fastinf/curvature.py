@@ -45,7 +45,8 @@ from fastinf.errors import ConfigError, NonFiniteError, StoreError
 __all__ = [
     "Damping", "Preconditioner", "IdentityPreconditioner", "DensePreconditioner", "LowRankPreconditioner",
     "StreamingDataInfPreconditioner", "LissaPreconditioner", "FeatureSource", "ArraySource",
-    "StoreSource", "fit_preconditioner", "load_preconditioner", "METHODS",
+    "StoreSource", "fit_preconditioner", "load_preconditioner", "datainf_reference", "store_fingerprint",
+    "nonfinite_error", "as_source", "to_tensor", "METHODS",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class FeatureSource(ABC):
 
     n: int
     k: int
+    drop_nonfinite: bool = False
+    name: str = "features"
 
     @abstractmethod
     def _raw_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -130,16 +133,13 @@ class FeatureSource(ABC):
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Sample ids of the given row indices (for error messages)."""
 
-    drop_nonfinite: bool = False
-    name: str = "features"
-
     def blocks(self, block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[np.ndarray]:
         """Yield float32 blocks [b, k]; rows with NaN/inf raise, or are skipped if ``drop_nonfinite``."""
         for start, block in self._raw_blocks(block_rows):
             finite = np.isfinite(block).all(axis=1)
             if not finite.all():
-                if not self.drop_nonfinite:
-                    raise nonfinite_error(self.name, self.ids(start + np.flatnonzero(~finite)))
+                if not self.drop_nonfinite:   # name every offending sample, not just this block's
+                    raise nonfinite_error(self.name, self.ids(np.flatnonzero(~self.finite_rows(block_rows))))
                 block = block[finite]
             if len(block):
                 yield block
@@ -224,18 +224,11 @@ def _store_path(store: Any) -> str:
 
 
 def store_fingerprint(store: Any, unit_name: str | None = None) -> str:
-    """A digest of what a store's features are: model, projection, dtype, sample count, unit checksums."""
+    """A digest of one unit's features: the store's fingerprint (identity, sample count, checksums)."""
     fp = getattr(store, "fingerprint", None)
-    fp = fp() if callable(fp) else fp
-    m = dict(getattr(store, "manifest", {}) or {})
-    payload = {
-        "fingerprint": fp,
-        "model": m.get("model"), "dataset": m.get("dataset"), "projection": m.get("projection"),
-        "dtype": m.get("dtype"), "n": int(store.n), "unit": unit_name,
-        "checksums": (m.get("checksums") or {}).get(unit_name) if unit_name and isinstance(m.get("checksums"), dict)
-        else m.get("checksums"),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if fp is None:
+        raise StoreError(f"{_store_path(store)} has no fingerprint; open it with GradientStore.open")
+    return hashlib.sha256(f"{fp}:{unit_name}".encode()).hexdigest()[:16]
 
 
 def as_source(features: Any, unit_name: str | None = None, *, drop_nonfinite: bool = False) -> FeatureSource:
@@ -684,5 +677,3 @@ def datainf_reference(Q: np.ndarray, G: np.ndarray, damping: float | None = None
     pre = (G - (gram / (lam + sq)[None, :]) @ G / N) / lam           # rows: H̃⁻¹ g_i
     return Q @ pre.T
 
-
-__all__ += ["datainf_reference", "to_tensor", "store_fingerprint", "nonfinite_error", "as_source"]

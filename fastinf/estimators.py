@@ -268,15 +268,22 @@ def _resolve_units(test: Any, train: Any, layers: Any) -> list:
     from fastinf.units import select
 
     units = select(test.units, layers) if layers is not None else list(test.units)
-    have = set(train.unit_names)
-    missing = [u.name for u in units if u.name not in have]
-    if missing:
-        raise StoreMismatchError(
-            f"the test store {test.path} has {len(missing)} unit(s) that the train store {train.path} lacks: "
-            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. Extract both with the same --layers, "
-            f"or restrict scoring to the shared units with layers=...")
-    train.check_compatible(test, units=[u.name for u in units])
+    _check_units_present(test, train, [u.name for u in units])
     return units
+
+
+def _check_units_present(test: Any, train: Any, names: list[str]) -> None:
+    """Both stores hold every unit of ``names`` with equal dims, from the same model and projection."""
+    for store, other, side in ((train, test, "train"), (test, train, "test")):
+        have = set(store.unit_names)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise StoreMismatchError(
+                f"the {'test' if side == 'train' else 'train'} store {other.path} has {len(missing)} unit(s) "
+                f"that the {side} store {store.path} lacks: {', '.join(missing[:6])}"
+                f"{' ...' if len(missing) > 6 else ''}. Extract both with the same --layers, or restrict "
+                f"scoring to the shared units with layers=...")
+    train.check_compatible(test, units=names)
 
 
 def _check_rows_match(a: Any, b: Any, what: str) -> None:
@@ -513,8 +520,8 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
         progress: show a progress bar. ``curvature_options``: extra ``fit_preconditioner`` arguments
             (``oversample``, ``n_iter``, ``seed``, ``lissa_depth``, ...).
     """
-    _check_arguments(method, rank=rank, curvature=curvature, topk_tokens=topk_tokens, topk_side=topk_side,
-                     checkpoints=checkpoints, block_bytes=block_bytes)
+    _check_arguments(method, damping=damping, rank=rank, curvature=curvature, topk_tokens=topk_tokens,
+                     topk_side=topk_side, checkpoints=checkpoints, block_bytes=block_bytes)
     dt = _dtype(precision)
     curv = dict(curvature_options or {})
     if damping is not None:
@@ -578,11 +585,15 @@ def _open(store: Any) -> Any:
     return store
 
 
-def _check_arguments(method: str, *, rank: int | None, curvature: str | None, topk_tokens: int | None,
-                     topk_side: str, checkpoints: Any, block_bytes: int) -> None:
+def _check_arguments(method: str, *, damping: Any, rank: int | None, curvature: str | None,
+                     topk_tokens: int | None, topk_side: str, checkpoints: Any, block_bytes: int) -> None:
     """Refuse option combinations that do not apply to ``method`` (before any work or output)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if damping is not None:
+        Damping.parse(damping)
+        if method not in ("if", "datainf", "lissa", "selfinf"):
+            raise ConfigError(f"damping= applies to if, datainf, lissa and selfinf; {method!r} uses no curvature")
     if topk_side not in ("test", "train", "both"):
         raise ConfigError(f"topk_side must be 'test', 'train' or 'both'; got {topk_side!r}")
     if topk_tokens is not None and method != "tracin_we":
@@ -631,7 +642,7 @@ def _setup_pairwise(method: str, terms: list[_Term], layers: Any, drop: bool) ->
     test, train = terms[-1].test, terms[-1].train
     units = _resolve_units(test, train, layers)
     for t in terms[:-1]:
-        _resolve_units(t.test, t.train, [u.name for u in units])
+        _check_units_present(t.test, t.train, [u.name for u in units])
     return _Setup(units, *_keep_masks(terms, [u.name for u in units], drop))
 
 

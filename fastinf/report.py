@@ -154,12 +154,15 @@ def plot_layer_curves(summary: Sequence[Mapping[str, Any]], out: Path, metric: s
                     continue
                 label = "block (all units)" if s["kind"] == "block" else s["role"]
                 roles[label].append((s["block"], s[f"{metric}_mean"], s[f"{metric}_std"]))
-            for label, pts in sorted(roles.items(), key=lambda kv: (kv[0] == "block (all units)", kv[0])):
+            palette = plt.get_cmap("tab20").colors
+            for i, (label, pts) in enumerate(sorted(roles.items(), key=lambda kv: (kv[0] == "block (all units)", kv[0]))):
                 pts.sort()
                 x = [p[0] for p in pts]
                 y = np.array([p[1] for p in pts])
                 e = np.array([p[2] for p in pts])
-                style = dict(color="black", linewidth=2.5, zorder=5) if label.startswith("block") else dict(linewidth=1.2)
+                style = (dict(color="black", linewidth=2.5, zorder=5) if label.startswith("block") else
+                         dict(color=palette[i % len(palette)], linewidth=1.2,
+                              linestyle="--" if ".lora_" in label else "-"))
                 ax.plot(x, y, marker="o", markersize=3, label=label, **style)
                 if np.any(e > 0):
                     ax.fill_between(x, y - e, y + e, alpha=0.12, color=style.get("color"))

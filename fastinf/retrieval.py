@@ -194,7 +194,7 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
             streams the store with blocked matmul, on CUDA when present).
         name / out: index directory; default ``<store>/index/<name>`` with a name derived from method,
             factory and layers.
-        nprobe: default IVF probes at search (default ``max(8, nlist/32)``).
+        nprobe: default IVF probes at search (default ``max(8, nlist/64)``).
         train_size, seed: rows sampled (deterministically) to train IVF/PQ; default ~50 per list.
         block_size: rows per streamed block.
         overwrite: replace an existing index directory.

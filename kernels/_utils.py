@@ -3,12 +3,13 @@
 Importing this module imports Triton; only the kernel modules (``kron``, ``embed``, ``lowrank``) do,
 and they are loaded lazily by :mod:`fastinf.kernels.dispatch` the first time a Triton path is taken.
 
-Autotuning: on a GPU each kernel is autotuned over a short list of configs chosen for the device
-generation (Hopper: sm_90, Ampere: sm_80/86/89; other GPUs get the Ampere list), keyed on the
-reduction sizes and projection dims (never on the token count, which varies batch to batch). Under
-the interpreter (``TRITON_INTERPRET=1``) one large-block config is used, since every loop iteration
-there costs Python time. ``FASTINF_TRITON_AUTOTUNE=0`` disables autotuning on a GPU (first config of
-the list), which makes a first call cheap, e.g. for quick correctness runs.
+Autotuning: on a GPU each kernel is autotuned over 2-3 configs chosen for the device generation
+(Hopper: sm_90; Ampere: sm_80/86/89, also used for other GPUs) and the call's class (dot precision,
+projection size), keyed on the reduction sizes and projection dims (never on the token count, which
+varies batch to batch); results are cached on disk by Triton. Under the interpreter
+(``TRITON_INTERPRET=1``) one large-block config is used, since every loop iteration there costs Python
+time. ``FASTINF_TRITON_AUTOTUNE=0`` takes the first config of the class without timing (a cheap first
+call, e.g. for quick correctness runs).
 """
 from __future__ import annotations
 
@@ -64,32 +65,98 @@ def _autotune_enabled() -> bool:
     return os.environ.get("FASTINF_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _maybe_first(configs: list[triton.Config]) -> list[triton.Config]:
-    return configs if _autotune_enabled() else configs[:1]
+def _arch() -> str:
+    return "hopper" if _capability()[0] >= 9 else "ampere"
+
+
+# Candidate configs per GPU generation and kernel class, as (block_a, block_b, num_warps, num_stages).
+# Classes: "tf32" (half inputs: tf32 dots) or "x3" (fp32 inputs: tf32x3 or ieee dots, ~3x the operand
+# registers), and for the projections "small" (k <= 16) or "big" (k >= 32) projection dims. Every entry
+# was compiled for sm_90 / sm_80 with Triton 3.7 and checked free of register spills at the class's
+# largest k (64) with ``cuobjdump --dump-resource-usage``; wider tiles spill there.
+_PROJECTION_TABLE: dict[str, dict[tuple[str, str], list[tuple[int, int, int, int]]]] = {
+    # (BLOCK_T, BLOCK_D, num_warps, num_stages)
+    "hopper": {
+        ("small", "tf32"): [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3)],
+        ("big", "tf32"): [(64, 32, 8, 3), (64, 16, 8, 3), (32, 32, 8, 3)],
+        ("small", "x3"): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 1)],
+        ("big", "x3"): [(32, 32, 8, 2), (32, 64, 8, 1)],
+    },
+    "ampere": {
+        ("small", "tf32"): [(128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+        ("big", "tf32"): [(64, 32, 8, 3), (32, 32, 8, 3), (64, 16, 8, 3)],
+        ("small", "x3"): [(128, 32, 8, 3), (64, 32, 4, 3)],
+        ("big", "x3"): [(32, 32, 8, 2), (32, 64, 8, 1)],
+    },
+}
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of lowrank_apply, with rank chunks of RANK_CHUNK
+_LOWRANK_TABLE: dict[str, list[tuple[int, int, int, int]]] = {
+    "tf32": [(64, 32, 8, 2), (128, 32, 8, 3)],
+    "x3": [(64, 32, 8, 2), (32, 32, 8, 2)],
+}
+
+#: Largest padded rank held in registers at once by ``lowrank_apply``; larger ranks loop over chunks.
+RANK_CHUNK = 64
+
+
+def _config(names: tuple[str, str], entry: tuple[int, int, int, int]) -> triton.Config:
+    a, b, warps, stages = entry
+    return triton.Config({names[0]: a, names[1]: b}, num_warps=warps, num_stages=stages)
+
+
+def _entry(c: triton.Config, names: tuple[str, str]) -> tuple[int, int, int, int]:
+    return (c.kwargs[names[0]], c.kwargs[names[1]], c.num_warps, c.num_stages)
+
+
+def _union(tables: list[list[tuple[int, int, int, int]]], names: tuple[str, str]) -> list[triton.Config]:
+    seen: list[tuple[int, int, int, int]] = []
+    for table in tables:
+        seen += [e for e in table if e not in seen]
+    return [_config(names, e) for e in seen]
+
+
+_PROJ_NAMES = ("BLOCK_T", "BLOCK_D")
+_LOWRANK_NAMES = ("BLOCK_N", "BLOCK_K")
 
 
 def projection_configs() -> list[triton.Config]:
-    """Configs of the token-tile x feature-chunk projection kernels (``kron``, ``embed``).
-
-    BLOCK_T tokens per tile, BLOCK_D input features per chunk of the on-the-fly projection.
-    """
+    """Configs of the token-tile x feature-chunk projection kernels (``kron``, ``embed``): BLOCK_T
+    tokens per tile, BLOCK_D features per chunk. All classes of the device; a call keeps its class's
+    (see :func:`_prune_projection`)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 64, "BLOCK_D": 64}, num_warps=4, num_stages=1)]
-    if _capability()[0] >= 9:   # Hopper: big shared memory, wgmma likes 64-row tiles and 8 warps
-        configs = [
-            triton.Config({"BLOCK_T": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-        ]
-    else:                       # Ampere and older: smaller shared memory per SM
-        configs = [
-            triton.Config({"BLOCK_T": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_T": 64, "BLOCK_D": 128}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_T": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-        ]
-    return _maybe_first(configs)
+    return _union(list(_PROJECTION_TABLE[_arch()].values()), _PROJ_NAMES)
+
+
+def lowrank_configs() -> list[triton.Config]:
+    """Configs of ``lowrank_apply``: BLOCK_N vectors per program, BLOCK_K features per chunk."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    return _union(list(_LOWRANK_TABLE.values()), _LOWRANK_NAMES)
+
+
+def _precision_class(prec: object) -> str:
+    return "tf32" if str(prec) == "tf32" else "x3"
+
+
+def _keep(configs: list[triton.Config], allowed: list[tuple[int, int, int, int]],
+          names: tuple[str, str]) -> list[triton.Config]:
+    kept = [c for c in configs if _entry(c, names) in allowed]
+    kept = kept or configs[:1]
+    return kept if _autotune_enabled() else kept[:1]
+
+
+def _prune_projection(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
+    """The call's class (projection size, dot precision), minus chunks wider than its reductions."""
+    size = "small" if max(int(kwargs["KI"]), int(kwargs["KO"])) <= 16 else "big"
+    allowed = _PROJECTION_TABLE[_arch()][(size, _precision_class(kwargs["PREC"]))]
+    widest = padded(max(int(nargs.get("D_IN", 0) or 0), int(nargs.get("D_OUT", 0) or 0)))
+    narrow = [e for e in allowed if e[1] <= widest] or allowed[:1]
+    return _keep(configs, narrow, _PROJ_NAMES)
+
+
+def _prune_lowrank(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
+    return _keep(configs, _LOWRANK_TABLE[_precision_class(kwargs["PREC"])], _LOWRANK_NAMES)
 
 
 def _quick_bench(kernel_call, quantiles):
@@ -98,38 +165,17 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _prune_wide_blocks(configs: list[triton.Config], nargs: dict, **_: object) -> list[triton.Config]:
-    """Drop configs whose feature chunk (BLOCK_D) exceeds the widest reduction of the call."""
-    widest = padded(max(int(nargs.get("D_IN", 0) or 0), int(nargs.get("D_OUT", 0) or 0)))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= widest]
-    return kept or configs[:1]
-
-
-def autotune(configs: list[triton.Config], key: list[str], prune: bool = False):
-    """``triton.autotune`` with fastinf's timer and on-disk result cache (and optional pruning)."""
+def autotune(kind: str, key: list[str]):
+    """``triton.autotune`` over the configs of ``kind`` ("projection" or "lowrank"), pruned per call to
+    its class, with a short timer and the on-disk result cache."""
+    configs, prune = ((projection_configs(), _prune_projection) if kind == "projection"
+                      else (lowrank_configs(), _prune_lowrank))
     return triton.autotune(configs=configs, key=key, do_bench=_quick_bench, cache_results=True,
-                           prune_configs_by={"early_config_prune": _prune_wide_blocks} if prune else None)
+                           prune_configs_by={"early_config_prune": prune})
 
 
 #: Token splits are multiples of this many tokens (a split may end inside a 128-token tile: masked).
 TOKEN_ALIGN = 64
-
-
-def lowrank_configs() -> list[triton.Config]:
-    """Configs of ``lowrank_apply``: BLOCK_N vectors per program, BLOCK_K features per chunk."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    configs = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=2),
-    ]
-    return _maybe_first(configs)
-
-
-#: Largest padded rank held in registers at once by ``lowrank_apply``; larger ranks loop over chunks.
-RANK_CHUNK = 128
 
 
 def token_splits(B: int, T: int, device: torch.device) -> int:

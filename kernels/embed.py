@@ -18,7 +18,7 @@ from fastinf.kernels import _utils
 from fastinf.kernels.kron import _project_tile, _round_tf32, launch_weighted_outer
 
 
-@_utils.autotune(_utils.projection_configs(), key=["D_OUT", "KI", "KO"], prune=True)
+@_utils.autotune("projection", key=["D_OUT", "KI", "KO"])
 @triton.jit
 def _embed_project_kernel(
     ids_ptr, g_ptr, m_ptr, pv_ptr, pout_ptr, out_ptr,

@@ -56,7 +56,7 @@ def _project_tile(src_ptr, p_ptr, row_off, t_ok, D, stride_d, stride_pk, stride_
     return acc
 
 
-@_utils.autotune(_utils.projection_configs(), key=["D_IN", "D_OUT", "KI", "KO"], prune=True)
+@_utils.autotune("projection", key=["D_IN", "D_OUT", "KI", "KO"])
 @triton.jit
 def _kron_project_kernel(
     x_ptr, g_ptr, m_ptr, pin_ptr, pout_ptr, out_ptr,

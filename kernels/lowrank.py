@@ -20,7 +20,7 @@ from fastinf.kernels import _utils
 from fastinf.kernels.kron import _round_tf32
 
 
-@_utils.autotune(_utils.lowrank_configs(), key=["K", "R"])
+@_utils.autotune("lowrank", key=["K", "R"])
 @triton.jit
 def _lowrank_apply_kernel(
     x_ptr, u_ptr, w_ptr, out_ptr,

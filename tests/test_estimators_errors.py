@@ -57,6 +57,8 @@ def test_mismatched_feature_dims_are_refused(tmp_path):
     ({"method": "if", "rank": 6}, "smaller than the feature dimension"),
     ({"method": "if", "rank": 9}, "smaller than the feature dimension"),
     ({"method": "graddot", "rank": 2}, "rank= applies"),
+    ({"method": "gradcos", "damping": 1e-3}, "uses no curvature"),
+    ({"method": "if", "curvature": "lissa"}, "curvature= applies"),
     ({"method": "magic"}, "unknown method"),
     ({"method": "graddot", "topk_tokens": 3}, "topk_tokens"),
     ({"method": "graddot", "precision": "float16"}, "precision"),

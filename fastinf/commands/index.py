@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--rank", type=int, default=None, help="low-rank IF preconditioner (Woodbury) of this rank")
     b.add_argument("--backend", default="auto", choices=["auto", "faiss", "exact"],
                    help="faiss (CPU/GPU FAISS), exact (blocked matmul at query time, CUDA when present)")
-    b.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed at search (default nlist/32, >= 8)")
+    b.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed at search (default nlist/64, >= 8)")
     b.add_argument("--train-size", type=int, default=None, help="rows sampled to train IVF/PQ (default ~50 per list)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     b.add_argument("--block-size", type=int, default=65536, help="rows per streamed block")
