@@ -99,13 +99,14 @@ def main() -> int:
     ap.add_argument("--tests", type=int, default=500)
     ap.add_argument("--block-rows", type=int, default=50)
     ap.add_argument("--vote-p", type=float, default=0.2)
+    ap.add_argument("--threads", type=int, default=None, help="threads for both paths (default: all CPUs)")
     ap.add_argument("--numpy-blocks", type=int, default=2, help="blocks timed with the numpy reference")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "aggregate.json"))
     args = ap.parse_args()
 
     n, b = args.n_train, args.block_rows
     k = vote_k(args.vote_p, n)
-    threads = _native.default_threads()
+    threads = args.threads or _native.default_threads()
     torch.set_num_threads(threads)
     blocks = [(u, m0, min(args.tests, m0 + b)) for u in range(args.units) for m0 in range(0, args.tests, b)]
     rankers = args.units * args.tests
@@ -149,7 +150,7 @@ def main() -> int:
     src = LazyScores(args.units, args.tests, n)
     s = time.perf_counter()
     res = aggregate_all(src, ["rank", "vote"], vote_p=args.vote_p, groups=["first", "middle", "last", "all"]
-                        if args.units >= 4 else None, block_bytes=b * 4 * n)
+                        if args.units >= 4 else None, block_bytes=b * 4 * n, n_threads=threads)
     e2e = time.perf_counter() - s
 
     out = {

@@ -6,15 +6,17 @@ Sections (``--sections``, default all), every ratio measured in the same run on 
   against (a) a plain forward+backward training step and (b) torch.func ``vmap(grad)`` full per-sample
   gradients followed by a per-unit dense projection ``P_out G P_inᵀ`` to the same 16x16 features.
   Methods are interleaved batch by batch (so load changes hit all of them alike); medians are reported.
-  Both baselines and fastinf run in eval mode (no dropout) so that they do the same forward math.
+  Ratio (a) uses a training step in eval mode (no dropout: the same forward math as fastinf); the
+  ratio against a train-mode step (dropout on, what a training loop runs) is reported beside it.
 * ``e2e`` - ``fastinf.extract.extract`` writing a real fp16 store (tokenisation + capture + writes).
-* ``rss`` - peak RSS of ``extract`` in a fresh process at N = 1k and 8k samples (flat in N is the goal).
+* ``rss`` - peak RSS of ``extract`` in a fresh process at N = 1k and 8k samples (flat in N is the goal),
+  at ``--rss-length`` tokens to keep the 8k run short; run on the second core during ``fidelity``.
 * ``fidelity`` - a 64x512 test x train GradDot matrix from the 16x16 features against the exact one
   (per-sample gradients formed from the captured (x, g) and multiplied unit by unit in float64):
   row-wise Spearman and top-10 overlap, for the sum over units and per unit.
 
 The packaged MiniLM gets a fresh 2-class head (seed 0) and a short full fine-tune on SMS
-(``--finetune-steps``, default 40 x 32 samples, instead of a full epoch to keep the script under 10
+(``--finetune-steps``, default 30 x 32 samples, instead of a full epoch to keep the script under 10
 minutes). Writes ``bench/results/extract.json`` and prints a short table.
 """
 from __future__ import annotations
@@ -24,7 +26,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -179,15 +180,18 @@ def throughput(model, tok, texts, labels, args) -> list[dict]:
         def ext(b):
             return features_for_batch(model, units, projectors, b, task).features
 
-        def train(b):
+        def train(b, mode: str = "eval"):
             for p in model.parameters():
                 p.requires_grad_(True)
+            model.train(mode == "train")
             model.zero_grad(set_to_none=True)
             loss, _ = task.per_sample_loss(model, b)
             loss.mean().backward()
             model.zero_grad(set_to_none=True)
+            model.eval()
 
-        methods = {"fastinf": ext, "train_step": train, "vmap_dense": vm}
+        methods = {"fastinf": ext, "train_step": train, "train_step_dropout": lambda b: train(b, "train"),
+                   "vmap_dense": vm}
         # warm-up and a consistency check: fastinf and the vmap baseline compute the same features
         a, b = ext(batches[0]), vm(batches[0])
         train(batches[0])
@@ -207,12 +211,13 @@ def throughput(model, tok, texts, labels, args) -> list[dict]:
                "reps": {m: len(v) for m, v in times.items()},
                "samples_per_s": {m: round(args.batch_size / v, 2) for m, v in med.items()},
                "ratio_a_train_step_over_fastinf": round(med["train_step"] / med["fastinf"], 3),
+               "ratio_a_train_mode_over_fastinf": round(med["train_step_dropout"] / med["fastinf"], 3),
                "ratio_b_vmap_over_fastinf": round(med["vmap_dense"] / med["fastinf"], 3),
                "vmap_vs_fastinf_max_rel_err": err}
         rows.append(row)
         print(f"T={T:3d}  fastinf {row['samples_per_s']['fastinf']:7.1f}/s  train-step "
               f"{row['samples_per_s']['train_step']:7.1f}/s  vmap {row['samples_per_s']['vmap_dense']:6.1f}/s  "
-              f"ratio(a) {row['ratio_a_train_step_over_fastinf']:.2f}  ratio(b) {row['ratio_b_vmap_over_fastinf']:.1f}"
+              f"ratio(a) {row['ratio_a_train_step_over_fastinf']:.2f} (train mode {row['ratio_a_train_mode_over_fastinf']:.2f})  ratio(b) {row['ratio_b_vmap_over_fastinf']:.1f}"
               f"  (vmap/fastinf rel.err {err:.1e})", flush=True)
     return rows
 
@@ -263,18 +268,40 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 """
 
 
-def rss(args) -> list[dict]:
+def rss_start(args) -> list[tuple[int, subprocess.Popen]]:
+    """Start the RSS children (N = 1k, 8k) one after the other in a background thread, so that they use
+    the second core while this process runs the fidelity section. Each child is a fresh process that
+    loads MiniLM (fresh head: weights do not change memory or speed) and runs ``extract``."""
+    import threading
+
+    procs: list[tuple[int, subprocess.Popen]] = []
+
+    def runner() -> None:
+        for n in args.rss_n:
+            code = _RSS_CHILD.format(root=str(ROOT), threads=1, n=n, T=args.rss_length, proj=args.proj,
+                                     bs=args.batch_size)
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=ROOT)
+            procs.append((n, proc))
+            proc.wait()
+
+    th = threading.Thread(target=runner, daemon=True)
+    th.start()
+    procs_thread = procs
+    procs_thread.append((-1, th))  # type: ignore[arg-type]
+    return procs_thread
+
+
+def rss_finish(handle) -> list[dict]:
+    th = handle.pop()[1]
+    th.join()
     rows = []
-    for n in args.rss_n:
-        code = _RSS_CHILD.format(root=str(ROOT), threads=args.threads, n=n, T=args.rss_length, proj=args.proj,
-                                 bs=args.batch_size)
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-        if res.returncode != 0:
-            raise SystemExit(f"rss child (N={n}) failed:\n{res.stderr[-3000:]}")
-        out = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"n": n, "T": args.rss_length, **{k: round(v, 1) for k, v in out.items()}})
-        print(f"rss N={n:5d} T={args.rss_length}: peak RSS {out['peak_rss_mb']:.0f} MiB, store "
-              f"{out['store_mb']:.1f} MiB, {out['seconds']:.0f}s", flush=True)
+    for n, proc in handle:
+        out_s, err_s = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"rss child (N={n}) failed:\n{err_s[-3000:]}")
+        out = json.loads(out_s.strip().splitlines()[-1])
+        rows.append({"n": n, "T": None, **{k: round(v, 1) for k, v in out.items()}})
     return rows
 
 
@@ -377,21 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="throughput,e2e,rss,fidelity")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5, help="timed batches per method and length")
-    p.add_argument("--vmap-reps", type=int, default=3, help="timed batches of the (slow) vmap baseline")
+    p.add_argument("--reps", type=int, default=4, help="timed batches per method and length")
+    p.add_argument("--vmap-reps", type=int, default=2, help="timed batches of the (slow) vmap baseline")
     p.add_argument("--proj", default="16x16")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared, oversubscribed box a 2-thread pool stalls "
                         "on small ops; every method runs with the same setting)")
-    p.add_argument("--e2e-n", type=int, default=512)
+    p.add_argument("--e2e-n", type=int, default=256)
     p.add_argument("--rss-n", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 8000])
-    p.add_argument("--rss-length", type=int, default=16)
+    p.add_argument("--rss-length", type=int, default=8)
     p.add_argument("--fid-test", type=int, default=64)
     p.add_argument("--fid-train", type=int, default=512)
     p.add_argument("--fid-length", type=int, default=32)
     p.add_argument("--fid-chunk", type=int, default=64)
     p.add_argument("--exact-dtype", default="float64", choices=("float64", "float32"))
-    p.add_argument("--finetune-steps", type=int, default=40,
+    p.add_argument("--finetune-steps", type=int, default=30,
                    help="short full fine-tune before measuring (0: the fresh head; the issue allows either)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "extract.json"))
     args = p.parse_args(argv)
@@ -415,10 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         result["throughput"] = throughput(model, tok, texts, labels, args)
     if "e2e" in sections:
         result["e2e"] = e2e(model, tok, texts, labels, args)
-    if "rss" in sections:
-        result["rss"] = rss(args)
+    handle = rss_start(args) if "rss" in sections else None
     if "fidelity" in sections:
         result["fidelity"] = fidelity(model, tok, texts, labels, args)
+    if handle is not None:
+        result["rss"] = rss_finish(handle)
+        for row in result["rss"]:
+            row["T"] = args.rss_length
+            print(f"rss N={row['n']:5d} T={args.rss_length}: peak RSS {row['peak_rss_mb']:.0f} MiB, store "
+                  f"{row['store_mb']:.1f} MiB, {row['seconds']:.0f}s", flush=True)
     result["targets"] = _targets(result)
     result["env"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -60,6 +60,8 @@ _API: dict[str, str] = {
     "load_checkpoint": "fastinf.train",
     "write_report": "fastinf.report",
     "plan": "fastinf.plan",
+    "Plan": "fastinf.plan",
+    "score_distributed": "fastinf.dist_score",
 }
 
 _ALIASES = {"discover_units": "discover", "select_units": "select"}

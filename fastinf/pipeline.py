@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastinf.config import RunConfig, config_hash, to_dict
-from fastinf.errors import ConfigError, DataError, SelectorError
+from fastinf.errors import ConfigError, DataError, SelectorError, StoreError
 from fastinf.noise import NoiseResult, inject_noise, load_noise
 
 __all__ = ["run_experiment", "RunResult", "load_splits", "metric_keys", "evaluate_scores", "chance_levels",
@@ -285,7 +285,6 @@ class _Runner:
         ex = cfg.extract
         ex_deps = {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")}
         up = [_marker_hash(sdir, "train")]
-        stores = {}
         for split, ds in (("train", noisy_train), ("test", test)):
             def do_extract(split=split, ds=ds) -> dict[str, Any]:
                 from fastinf.extract import ExtractStats, extract
@@ -298,7 +297,7 @@ class _Runner:
                     extract(mdl, tk, ds, path, layers=ex.layers, proj=ex.proj, dtype=ex.dtype,
                             batch_size=ex.batch_size, max_length=cfg.model.max_length, seed=0,
                             resume=resume, overwrite=not resume, progress=self.progress, stats=stats)
-                except Exception:
+                except StoreError:       # an interrupted store that cannot be resumed: start over
                     if not resume:
                         raise
                     extract(mdl, tk, ds, path, layers=ex.layers, proj=ex.proj, dtype=ex.dtype,

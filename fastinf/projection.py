@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass
 

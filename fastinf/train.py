@@ -35,7 +35,7 @@ from fastinf.errors import ConfigError, DataError
 
 __all__ = [
     "TextSamples", "Checkpoint", "TrainResult", "build_model", "finetune", "load_checkpoint",
-    "evaluate_model", "resolve_model_path", "lr_lambda", "HEAD_NAMES",
+    "evaluate_model", "resolve_model_path", "lr_lambda", "epoch_batches", "HEAD_NAMES",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,27 @@ def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator,
+                  lengths: np.ndarray | None = None, pool: int = 32) -> list[torch.Tensor]:
+    """The batches (index tensors) of one epoch, determined by ``generator``.
+
+    Without ``lengths``: a random permutation cut into batches. With ``lengths`` (group by length): the
+    permutation is cut into pools of ``pool`` batches, each pool is sorted by length (so that a batch
+    pads to similar lengths), and the batches are shuffled; every sample is still seen once per epoch.
+    """
+    order = torch.randperm(n, generator=generator)
+    if lengths is None:
+        return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    size = batch_size * pool
+    chunks = []
+    for s in range(0, n, size):
+        part = order[s:s + size]
+        chunks.append(part[torch.as_tensor(np.argsort(-lengths[part.numpy()], kind="stable"))])
+    order = torch.cat(chunks)
+    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldout: TextSamples | None,
              out: str | Path, *, seed: int = 0, n_classes: int | None = None,
              progress: bool = False) -> TrainResult:
@@ -322,15 +343,16 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     history: list[dict[str, float]] = []
     step = 0
     model.train()
+    lengths = np.array([len(r["input_ids"]) for r in rows])
     for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        batches = epoch_batches(len(rows), cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch),
+                                lengths if cfg.group_by_length else None)
         lrs, losses = [], []
-        it = range(0, len(rows), cfg.batch_size)
+        it = batches
         if progress:
             from tqdm import tqdm
-            it = tqdm(it, desc=f"train epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for s in it:
-            idx = order[s:s + cfg.batch_size]
+            it = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+        for idx in it:
             batch = _collate(tokenizer, [rows[i] for i in idx.tolist()], y[idx])
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fastinf.errors import ConfigError, SelectorError
@@ -52,7 +51,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     ("query", "attn.q"), ("q_proj", "attn.q"), ("q_lin", "attn.q"), ("q", "attn.q"),
     ("key", "attn.k"), ("k_proj", "attn.k"), ("k_lin", "attn.k"), ("k", "attn.k"),
     ("value", "attn.v"), ("v_proj", "attn.v"), ("v_lin", "attn.v"), ("v", "attn.v"),
-    ("o_proj", "attn.o"), ("out_lin", "attn.o"), ("out_proj", "attn.o"), ("dense", "attn.o"),
+    ("o_proj", "attn.o"), ("out_lin", "attn.o"), ("out_proj", "attn.o"), ("o", "attn.o"), ("dense", "attn.o"),
     ("c_attn", "attn.qkv"), ("qkv_proj", "attn.qkv"), ("Wqkv", "attn.qkv"), ("query_key_value", "attn.qkv"),
     ("gate_proj", "mlp.gate"), ("w1", "mlp.gate"),
     ("up_proj", "mlp.up"), ("c_fc", "mlp.up"), ("lin1", "mlp.up"), ("fc1", "mlp.up"), ("w3", "mlp.up"),
@@ -361,12 +360,3 @@ def select(units: Sequence[Unit], spec: str | Sequence[str] | None) -> list[Unit
             f"kinds: {', '.join(sorted({u.kind for u in units}))}). Run `fastinf layers MODEL` to list them.")
     return out
 
-
-def units_by_name(units: Iterable[Unit]) -> dict[str, Unit]:
-    return {u.name: u for u in units}
-
-
-def parameter_of(model: nn.Module, unit: Unit) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight, bias)`` of ``unit`` as stored in the model (Conv1D weight is (d_in, d_out))."""
-    mod = get_module(model, unit)
-    return mod.weight, getattr(mod, "bias", None)

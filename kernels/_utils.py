@@ -72,8 +72,9 @@ def _arch() -> str:
 # Candidate configs per GPU generation and kernel class, as (block_a, block_b, num_warps, num_stages).
 # Classes: "tf32" (half inputs: tf32 dots) or "x3" (fp32 inputs: tf32x3 or ieee dots, ~3x the operand
 # registers), and for the projections "small" (k <= 16) or "big" (k >= 32) projection dims. Every entry
-# was compiled for sm_90 / sm_80 with Triton 3.7 and checked free of register spills at the class's
-# largest k (64) with ``cuobjdump --dump-resource-usage``; wider tiles spill there.
+# was compiled for sm_90 / sm_80 with Triton 3.7 at the class's largest k (64) and its resources read
+# with ``python -m fastinf.kernels.compile_check``: no register spills on sm_90; on sm_80 only the
+# embedding kernel's fp32 64x64 class spills (16-32 bytes). Wider tiles spill hundreds of bytes.
 _PROJECTION_TABLE: dict[str, dict[tuple[str, str], list[tuple[int, int, int, int]]]] = {
     # (BLOCK_T, BLOCK_D, num_warps, num_stages)
     "hopper": {
@@ -90,9 +91,9 @@ _PROJECTION_TABLE: dict[str, dict[tuple[str, str], list[tuple[int, int, int, int
     },
 }
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of lowrank_apply, with rank chunks of RANK_CHUNK
-_LOWRANK_TABLE: dict[str, list[tuple[int, int, int, int]]] = {
-    "tf32": [(64, 32, 8, 2), (128, 32, 8, 3)],
-    "x3": [(64, 32, 8, 2), (32, 32, 8, 2)],
+_LOWRANK_TABLE: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
+    "hopper": {"tf32": [(64, 32, 8, 2), (128, 32, 8, 3)], "x3": [(64, 32, 8, 2), (32, 32, 8, 2)]},
+    "ampere": {"tf32": [(64, 32, 8, 2), (128, 32, 8, 3)], "x3": [(32, 32, 8, 2)]},
 }
 
 #: Largest padded rank held in registers at once by ``lowrank_apply``; larger ranks loop over chunks.
@@ -132,7 +133,7 @@ def lowrank_configs() -> list[triton.Config]:
     """Configs of ``lowrank_apply``: BLOCK_N vectors per program, BLOCK_K features per chunk."""
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    return _union(list(_LOWRANK_TABLE.values()), _LOWRANK_NAMES)
+    return _union(list(_LOWRANK_TABLE[_arch()].values()), _LOWRANK_NAMES)
 
 
 def _precision_class(prec: object) -> str:
@@ -141,8 +142,8 @@ def _precision_class(prec: object) -> str:
 
 def _keep(configs: list[triton.Config], allowed: list[tuple[int, int, int, int]],
           names: tuple[str, str]) -> list[triton.Config]:
-    kept = [c for c in configs if _entry(c, names) in allowed]
-    kept = kept or configs[:1]
+    by_entry = {_entry(c, names): c for c in configs}
+    kept = [by_entry[e] for e in allowed if e in by_entry] or configs[:1]     # in the class's order
     return kept if _autotune_enabled() else kept[:1]
 
 
@@ -156,7 +157,7 @@ def _prune_projection(configs: list[triton.Config], nargs: dict, **kwargs: objec
 
 
 def _prune_lowrank(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
-    return _keep(configs, _LOWRANK_TABLE[_precision_class(kwargs["PREC"])], _LOWRANK_NAMES)
+    return _keep(configs, _LOWRANK_TABLE[_arch()][_precision_class(kwargs["PREC"])], _LOWRANK_NAMES)
 
 
 def _quick_bench(kernel_call, quantiles):

@@ -52,11 +52,11 @@ def _embed_project_kernel(
                          mask=t_ok[:, None] & ki_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, KI)
             px = px * m[:, None]
             pg = _project_tile(g_ptr + b * sgb, pout_ptr, offs_t * sgt, t_ok, D_OUT, sgd, spo_k, spo_d,
-                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
+                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)   # (BLOCK_T, KO)
             if ROUND:
                 pg = _round_tf32(pg)
                 px = _round_tf32(px)
-            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)                         # (KO, KI)
+            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)             # (KO, KI)
 
     out = out_ptr + b * sob + s * sos + offs_ko[:, None] * sok + offs_ki[None, :] * soi
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ko_ok[:, None] & ki_ok[None, :])

@@ -5,8 +5,8 @@
 One program per (sample b, token split s). It walks its token range in tiles of BLOCK_T tokens; for
 each tile it projects x and g on the fly (chunks of BLOCK_D features, tl.dot with fp32 accumulation,
 inputs upcast to fp32 in registers; dot precisions: ``_utils.dot_precision``), weights the tokens by
-the mask and adds the (k_out x k_in) outer product of the tile to an fp32 accumulator in registers. Neither the (B, T, k) projections nor
-any (d_out, d_in) gradient ever reaches global memory. Tiles whose mask is all zero (padding of
+the mask and adds the (k_out x k_in) outer product of the tile to an fp32 accumulator in registers.
+Neither the (B, T, k) projections nor any (d_out, d_in) gradient ever reaches global memory. Tiles whose mask is all zero (padding of
 variable-length sequences) are skipped without reading x or g. With several splits each program
 writes an fp32 partial and the launcher sums them in a fixed order (deterministic).
 
@@ -88,16 +88,16 @@ def _kron_project_kernel(
             m = t_ok.to(tl.float32)
         if tl.max(tl.abs(m), axis=0) > 0:   # skip all-padding tiles without touching x or g
             px = _project_tile(x_ptr + b * sxb, pin_ptr, offs_t * sxt, t_ok, D_IN, sxd, spi_k, spi_d,
-                               offs_ki, ki_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KI)               # (BLOCK_T, KI)
+                               offs_ki, ki_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KI)   # (BLOCK_T, KI)
             if HAS_BIAS:
                 px += p_bias[None, :]
             px = px * m[:, None]
             pg = _project_tile(g_ptr + b * sgb, pout_ptr, offs_t * sgt, t_ok, D_OUT, sgd, spo_k, spo_d,
-                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)               # (BLOCK_T, KO)
+                               offs_ko, ko_ok, PREC, ROUND, BLOCK_T, BLOCK_D, KO)   # (BLOCK_T, KO)
             if ROUND:
                 pg = _round_tf32(pg)
                 px = _round_tf32(px)
-            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)                         # (KO, KI)
+            acc = tl.dot(tl.trans(pg), px, acc, input_precision=PREC)             # (KO, KI)
 
     out = out_ptr + b * sob + s * sos + offs_ko[:, None] * sok + offs_ki[None, :] * soi
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ko_ok[:, None] & ki_ok[None, :])

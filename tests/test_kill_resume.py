@@ -67,11 +67,11 @@ def _kill_when(cmd: list[str], ready, timeout: float = 120.0) -> subprocess.Comp
 
 @pytest.mark.parametrize("seed", [0])
 def test_extraction_killed_then_resumed_is_byte_identical(tmp_path, one_thread, seed):
-    assets = make_assets(tmp_path / "assets", n_train=240, n_test=4)
+    assets = make_assets(tmp_path / "assets", n_train=120, n_test=4)
     args = ["extract", "--model", str(assets["model"]), "--data", str(assets["train"]), "--proj", "4x4",
             "--batch-size", "4", "--chunk-size", "4", "--max-length", "16", "--dtype", "fp32", "--no-progress"]
     out = tmp_path / "killed"
-    k = random.Random(seed).randint(1, 12)                     # a random point: after k of 60 chunks
+    k = random.Random(seed).randint(1, 10)                     # a random point: after k of 30 chunks
     _kill_when([sys.executable, "-m", "fastinf", *args, "--out", str(out)],
                lambda: _lines(out / "progress" / "rank-0.jsonl") >= k)
     with pytest.raises(StoreError, match="incomplete"):

@@ -143,3 +143,17 @@ def test_single_class_training_set_is_refused(tiny_dir, tmp_path):
     one = ds.with_labels(np.zeros(20, dtype=np.int64))
     with pytest.raises(DataError, match="single class"):
         finetune(ModelConfig(name=tiny_dir, max_length=16), FULL, one, None, tmp_path)
+
+
+@pytest.mark.parametrize("lengths", [None, np.random.default_rng(0).integers(3, 40, size=203)])
+def test_epoch_batches_cover_every_sample_once_and_are_seeded(lengths):
+    from fastinf.train import epoch_batches
+
+    a = epoch_batches(203, 16, torch.Generator().manual_seed(1), lengths, pool=4)
+    b = epoch_batches(203, 16, torch.Generator().manual_seed(1), lengths, pool=4)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert sorted(torch.cat(a).tolist()) == list(range(203))
+    if lengths is not None:   # grouped batches pad less than random ones
+        pad = lambda bs: sum(len(x) * lengths[x.numpy()].max() - lengths[x.numpy()].sum() for x in bs)
+        rand = epoch_batches(203, 16, torch.Generator().manual_seed(1), None)
+        assert pad(a) < 0.5 * pad(rand)

@@ -154,3 +154,24 @@ def test_unit_validation_and_roundtrip():
         Unit("x", "linear", 0, "other", 0, 2, False)
     with pytest.raises(ConfigError, match="not a module"):
         get_module(torch.nn.Linear(2, 2), "missing.layer")
+
+
+def test_layers_command_table_and_json(tmp_path, capsys):
+    """`fastinf layers DIR` builds the model skeleton from its config (meta device) and reports each
+    selected unit's feature dim and store bytes; totals add up."""
+    import json
+
+    from fastinf.cli import main
+
+    make_model("gpt2", "causal-lm").config.save_pretrained(tmp_path / "tiny")
+    assert main(["layers", str(tmp_path / "tiny"), "--task", "causal-lm", "--layers", "first,attn.qkv,last",
+                 "--proj", "8x4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [u["role"] for u in out["units"]] == ["embed", "attn.qkv", "attn.qkv", "head"]
+    assert all(u["feature_dim"] == 32 and u["bytes_per_sample"] == 64 for u in out["units"])
+    assert out["total"]["bytes_per_sample"] == 4 * 64 and out["n_blocks"] == 2
+    assert main(["layers", str(tmp_path / "tiny"), "--task", "causal-lm", "--proj", "exact", "--dtype", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "transformer.h.1.mlp.c_proj" in text and "16x64+b" in text and "10 units over 2 blocks" in text
+    assert main(["layers", str(tmp_path / "tiny"), "--layers", "nonsense"]) == 2
+    assert "Unknown layer selector 'nonsense'" in capsys.readouterr().err

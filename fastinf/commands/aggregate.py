@@ -89,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
           f"(vote K={res.vote_k}{', correct test samples only' if res.correct_only else ''})")
     w = max(len(g) for g in res.groups)
     for r in summary["results"]:
-        print(f"  {r['group']:<{w}}  {r['how']:<8}  {r['units']:>4} units  {r['rankers']:>8} rankers")
+        units = f"{r['units']} unit{'' if r['units'] == 1 else 's'}"
+        print(f"  {r['group']:<{w}}  {r['how']:<8}  {units:>10}  {r['rankers']:>8} rankers")
     return 0
