@@ -253,58 +253,65 @@ def run_extraction(b: Bench) -> None:
     """features_for_batch (all units, 16x16) with the kernels vs a forward+backward training step."""
     import torch
 
+    for i, mc in enumerate(model_cases(b.tiny)):
+        if b.left() < 45:
+            b.skipped.append(f"extract {mc['name']} (time budget)")
+            continue
+        b.rows.append(extraction_case(b, mc, seed=400 + i))
+        if b.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def extraction_case(b: Bench, mc: dict, seed: int) -> Row:
+    """One model: check the kernel-path features against the torch path, then time both paths and a
+    training step on the same ragged batch."""
+    import torch
+
     import fastinf.kernels as K
     from fastinf.capture import features_for_batch
     from fastinf.models import SequenceClassification
     from fastinf.projection import ProjectionSpec, make_projectors
     from fastinf.units import discover, select
 
-    kernel_backend = "triton"
-    for i, mc in enumerate(model_cases(b.tiny)):
-        if b.left() < 45:
-            b.skipped.append(f"extract {mc['name']} (time budget)")
-            continue
-        torch.manual_seed(400 + i)
-        with b.device:                                       # initialise the weights on the device (fast)
-            model = mc["cls"](mc["config"]).to(mc["dtype"]).eval()
-        B, T, V = mc["B"], mc["T"], mc["config"].vocab_size
-        gen = torch.Generator().manual_seed(500 + i)
-        mask = ragged_mask(B, T, "cpu", gen).long()
-        ids = torch.randint(1, V, (B, T), generator=gen) * mask          # pad id 0 after each sequence
-        batch = {"input_ids": ids.to(b.device), "attention_mask": mask.to(b.device),
-                 "labels": torch.randint(0, 2, (B,), generator=gen).to(b.device)}
-        units = select(discover(model), "all")
-        projectors = make_projectors(units, ProjectionSpec(k_out=16, k_in=16), b.device)
-        task = SequenceClassification()
+    torch.manual_seed(seed)
+    with b.device:                                           # initialise the weights on the device (fast)
+        model = mc["cls"](mc["config"]).to(mc["dtype"]).eval()
+    B, T, V = mc["B"], mc["T"], mc["config"].vocab_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = ragged_mask(B, T, "cpu", gen).long()
+    ids = torch.randint(1, V, (B, T), generator=gen) * mask              # pad id 0 after each sequence
+    batch = {"input_ids": ids.to(b.device), "attention_mask": mask.to(b.device),
+             "labels": torch.randint(0, 2, (B,), generator=gen).to(b.device)}
+    units = select(discover(model), "all")
+    projectors = make_projectors(units, ProjectionSpec(k_out=16, k_in=16), b.device)
+    task = SequenceClassification()
 
-        def extract(backend: str) -> dict:
-            with K.use_backend(backend):
-                return features_for_batch(model, units, projectors, batch, task).features
+    def extract(backend: str) -> dict:
+        with K.use_backend(backend):
+            return features_for_batch(model, units, projectors, batch, task).features
 
-        def train_step() -> None:
-            model.zero_grad(set_to_none=True)
-            loss, _ = task.per_sample_loss(model, batch)
-            loss.mean().backward()
-
-        fast, slow, again = extract(kernel_backend), extract("torch"), extract("torch")
-        err = max(rel_err(fast[n], slow[n]) for n in fast)
-        # two forward/backward passes may differ by themselves (e.g. atomics in attention backward):
-        # the allowed error is the kernel tolerance or twice the torch path's own run-to-run error
-        noise = max(rel_err(again[n], slow[n]) for n in slow)
-        tol = max(tolerance(mc["dtype"], torch.float32), 2 * noise)
-        row = Row("extract", mc["name"], str(mc["dtype"])[6:], err, tol, err <= tol,
-                  extra={"units": len(units), "feature_dim": 256, "torch_run_to_run_err": noise})
-        row.fast_ms = b.time_ms(lambda: extract(kernel_backend), reps=max(2, b.reps // 5))
-        row.extra["torch_path_ms"] = b.time_ms(lambda: extract("torch"), reps=max(2, b.reps // 5))
-        row.base_ms = b.time_ms(train_step, reps=max(2, b.reps // 5))
+    def train_step() -> None:
         model.zero_grad(set_to_none=True)
-        row.ratio = row.base_ms / row.fast_ms                    # = extraction samples/s / training samples/s
-        row.extra.update(extract_samples_per_s=B / row.fast_ms * 1e3, train_samples_per_s=B / row.base_ms * 1e3,
-                         torch_path_ratio=row.base_ms / row.extra["torch_path_ms"])
-        b.rows.append(row)
-        del model, projectors
-        if b.device.type == "cuda":
-            torch.cuda.empty_cache()
+        loss, _ = task.per_sample_loss(model, batch)
+        loss.mean().backward()
+
+    fast, slow, again = extract("triton"), extract("torch"), extract("torch")
+    err = max(rel_err(fast[n], slow[n]) for n in fast)
+    # two forward/backward passes may differ by themselves (e.g. atomics in attention backward):
+    # the allowed error is the kernel tolerance or twice the torch path's own run-to-run error
+    noise = max(rel_err(again[n], slow[n]) for n in slow)
+    tol = max(tolerance(mc["dtype"], torch.float32), 2 * noise)
+    row = Row("extract", mc["name"], str(mc["dtype"])[6:], err, tol, err <= tol,
+              extra={"units": len(units), "feature_dim": 256, "torch_run_to_run_err": noise})
+    reps = max(2, b.reps // 5)
+    row.fast_ms = b.time_ms(lambda: extract("triton"), reps=reps)
+    row.extra["torch_path_ms"] = b.time_ms(lambda: extract("torch"), reps=reps)
+    row.base_ms = b.time_ms(train_step, reps=reps)
+    model.zero_grad(set_to_none=True)
+    row.ratio = row.base_ms / row.fast_ms                        # = extraction samples/s / training samples/s
+    row.extra.update(extract_samples_per_s=B / row.fast_ms * 1e3, train_samples_per_s=B / row.base_ms * 1e3,
+                     torch_path_ratio=row.base_ms / row.extra["torch_path_ms"])
+    return row
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -314,7 +321,8 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def print_table(b: Bench) -> None:
-    head = f"{'kind':8} {'case':44} {'dtype':18} {'max_rel_err':>11} {'ok':>3} {'fast ms':>9} {'base ms':>9} {'ratio':>6}"
+    head = (f"{'kind':8} {'case':44} {'dtype':18} {'max_rel_err':>11} {'ok':>3} {'fast ms':>9} {'base ms':>9} "
+            f"{'ratio':>6}")
     print(head)
     print("-" * len(head))
     for r in b.rows:
@@ -349,7 +357,8 @@ def environment(b: Bench) -> dict:
     except (OSError, subprocess.SubprocessError):
         sha = None
     dev = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(),
             "git_sha": sha, "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
             "autotune": os.environ.get("FASTINF_TRITON_AUTOTUNE", "1")}
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -42,6 +40,7 @@ from typing import Any, Union
 import numpy as np
 
 from fastinf import _native
+from fastinf._callable import callable_module
 from fastinf.errors import ConfigError, NonFiniteError, SelectorError
 
 HOWS: tuple[str, ...] = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
@@ -515,13 +514,4 @@ def read_parquet(path: str | Any) -> dict[str, np.ndarray]:
     return out
 
 
-class _CallableModule(types.ModuleType):
-    """``fastinf.aggregate`` is both this module and the public function :func:`aggregate`. Importing
-    the module (``from fastinf.aggregate import ...``) rebinds the package attribute to the module, so
-    the module forwards calls to the function and ``fastinf.aggregate(scores, ...)`` always works."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray | dict[Any, np.ndarray]:
-        return aggregate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, aggregate)  # fastinf.aggregate(...) works after `import fastinf.aggregate`

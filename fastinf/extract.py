@@ -264,3 +264,8 @@ def write_run_config(out: str | os.PathLike, args: dict) -> None:
     """Write the replayable command configuration next to a store (``extract_config.json``)."""
     p = Path(out) / "extract_config.json"
     p.write_text(json.dumps(args, indent=1, sort_keys=True, default=str) + "\n")
+
+
+from fastinf._callable import callable_module  # noqa: E402
+
+callable_module(__name__, extract)  # fastinf.extract(...) works after `import fastinf.extract`

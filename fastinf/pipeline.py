@@ -160,6 +160,37 @@ class RunResult:
     stages_cached: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _SeedRun:
+    """The state one seed's stages hand to each other."""
+
+    seed: int
+    sdir: Path
+    train: Any
+    test: Any
+    noise: NoiseResult | None = None
+    noisy_train: Any = None
+    best_path: str | None = None
+    train_info: dict[str, Any] = field(default_factory=dict)
+    stores: dict[str, Any] = field(default_factory=dict)
+    units: list[Any] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    upstream: list[str | None] = field(default_factory=list)
+    costs: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    retrain_rows: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _loaded: tuple[Any, Any] | None = None
+
+    def model(self) -> tuple[Any, Any]:
+        """The scored checkpoint (model, tokenizer), loaded on first use only (cached stages skip it)."""
+        if self._loaded is None:
+            from fastinf.train import load_checkpoint
+
+            self._loaded = load_checkpoint(self.best_path)
+        return self._loaded
+
+
 class _Runner:
     def __init__(self, cfg: RunConfig, out: Path, progress: bool, echo: Callable[[str], None]) -> None:
         self.cfg, self.out, self.progress, self.echo = cfg, out, progress, echo
@@ -229,153 +260,150 @@ class _Runner:
 
     # ------------------------------------------------------------------------------------------
     def run_seed(self, seed: int, train, test):
-        cfg = self.cfg
-        sdir = self.out / f"seed-{seed}"
-        data_deps = {"data": to_dict(cfg.data), "train_fp": train.fingerprint(), "test_fp": test.fingerprint()}
-        timings: dict[str, float] = {}
+        """All stages of one seed; returns (metric rows, train info, costs, retrain rows, timings, mask)."""
+        ctx = _SeedRun(seed=seed, sdir=self.out / f"seed-{seed}", train=train, test=test)
+        self.stage_noise(ctx)
+        self.stage_train(ctx)
+        self.stage_extract(ctx)
+        self.stage_costs(ctx)
+        self.stage_score(ctx)
+        self.stage_evaluate(ctx)
+        self.stage_retrain(ctx)
+        return ctx.rows, ctx.train_info, ctx.costs, ctx.retrain_rows, ctx.timings, ctx.noise.mask
 
-        # 1. noise
-        noise_deps = {**data_deps, "noise": to_dict(cfg.noise), "seed": seed}
+    def _timed(self, ctx: "_SeedRun", key: str, marker: dict[str, Any]) -> dict[str, Any]:
+        ctx.timings[key] = ctx.timings.get(key, 0.0) + marker["seconds"]
+        return marker
 
-        def do_noise() -> dict[str, Any]:
-            nz = inject_noise(train.labels, cfg.noise.rate, seed=seed, kind=cfg.noise.kind,
+    def stage_noise(self, ctx: "_SeedRun") -> None:
+        cfg, train, test = self.cfg, ctx.train, ctx.test
+        deps = {"data": to_dict(cfg.data), "train_fp": train.fingerprint(), "test_fp": test.fingerprint(),
+                "noise": to_dict(cfg.noise), "seed": ctx.seed}
+
+        def do() -> dict[str, Any]:
+            nz = inject_noise(train.labels, cfg.noise.rate, seed=ctx.seed, kind=cfg.noise.kind,
                               class_rates=cfg.noise.class_rates, transition=cfg.noise.transition,
                               n_classes=int(max(train.labels.max(), test.labels.max())) + 1)
-            nz.save(sdir / "noise.npz")
+            nz.save(ctx.sdir / "noise.npz")
             return {"n_noisy": nz.n_noisy}
 
-        m = self.stage(sdir, "noise", noise_deps, do_noise)
-        timings["noise"] = m["seconds"]
-        noise = load_noise(sdir / "noise.npz")
-        noisy_train = train.with_labels(noise.labels)
-        self.echo(f"seed {seed}: {noise.n_noisy} of {len(train)} training labels corrupted")
+        self._timed(ctx, "noise", self.stage(ctx.sdir, "noise", deps, do))
+        ctx.noise = load_noise(ctx.sdir / "noise.npz")
+        ctx.noisy_train = train.with_labels(ctx.noise.labels)
+        self.echo(f"seed {ctx.seed}: {ctx.noise.n_noisy} of {len(train)} training labels corrupted")
 
-        # 2. fine-tune
-        train_deps = {"model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+    def stage_train(self, ctx: "_SeedRun") -> None:
+        from fastinf.train import TrainResult, finetune
 
-        def do_train() -> dict[str, Any]:
-            from fastinf.train import finetune
+        cfg = self.cfg
 
-            shutil.rmtree(sdir / "train", ignore_errors=True)
-            r = finetune(cfg.model, cfg.train, noisy_train, test, sdir / "train", seed=seed,
-                         n_classes=noise.n_classes, progress=self.progress)
+        def do() -> dict[str, Any]:
+            shutil.rmtree(ctx.sdir / "train", ignore_errors=True)
+            r = finetune(cfg.model, cfg.train, ctx.noisy_train, ctx.test, ctx.sdir / "train", seed=ctx.seed,
+                         n_classes=ctx.noise.n_classes, progress=self.progress)
             return {"best_epoch": r.best_epoch}
 
-        m = self.stage(sdir, "train", train_deps, do_train, upstream=[_marker_hash(sdir, "noise")])
-        timings["train"] = m["seconds"]
-        from fastinf.train import TrainResult, load_checkpoint
-
-        tr = TrainResult.load(sdir / "train")
+        deps = {"model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+        self._timed(ctx, "train", self.stage(ctx.sdir, "train", deps, do, upstream=[_marker_hash(ctx.sdir, "noise")]))
+        tr = TrainResult.load(ctx.sdir / "train")
+        ctx.best_path = tr.best.path
         best = tr.best
-        self.echo(f"seed {seed}: fine-tuned ({tr.seconds:.1f}s); scoring epoch {best.epoch} "
+        self.echo(f"seed {ctx.seed}: fine-tuned ({tr.seconds:.1f}s); scoring epoch {best.epoch} "
                   f"(held-out loss {best.heldout_loss:.4f}, acc {best.heldout_acc:.3f})")
-        tinfo = {"seed": seed, "best_epoch": best.epoch, "heldout_loss": best.heldout_loss,
-                 "heldout_acc": best.heldout_acc, "seconds": tr.seconds,
-                 "lr_log": tr.lr_log()}
+        ctx.train_info = {"seed": ctx.seed, "best_epoch": best.epoch, "heldout_loss": best.heldout_loss,
+                          "heldout_acc": best.heldout_acc, "seconds": tr.seconds, "lr_log": tr.lr_log()}
 
-        # 3. extraction
-        model = tok = None
+    def stage_extract(self, ctx: "_SeedRun") -> None:
+        from fastinf.extract import ExtractStats, extract
+        from fastinf.store import GradientStore
 
-        def model_tok():
-            nonlocal model, tok
-            if model is None:
-                model, tok = load_checkpoint(best.path)
-            return model, tok
-
-        ex = cfg.extract
-        ex_deps = {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")}
-        up = [_marker_hash(sdir, "train")]
-        for split, ds in (("train", noisy_train), ("test", test)):
-            def do_extract(split=split, ds=ds) -> dict[str, Any]:
-                from fastinf.extract import ExtractStats, extract
-
-                mdl, tk = model_tok()
+        cfg, ex = self.cfg, self.cfg.extract
+        deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")},
+                "max_length": cfg.model.max_length}
+        for split, ds in (("train", ctx.noisy_train), ("test", ctx.test)):
+            def do(split: str = split, ds=ds) -> dict[str, Any]:
+                model, tok = ctx.model()
                 stats = ExtractStats()
-                path = sdir / "stores" / split
-                resume = path.exists() and (path / "manifest.json").exists()
+                path = ctx.sdir / "stores" / split
+                resume = (path / "manifest.json").exists()
+                kw = dict(layers=ex.layers, proj=ex.proj, dtype=ex.dtype, batch_size=ex.batch_size,
+                          max_length=cfg.model.max_length, seed=0, progress=self.progress, stats=stats)
                 try:
-                    extract(mdl, tk, ds, path, layers=ex.layers, proj=ex.proj, dtype=ex.dtype,
-                            batch_size=ex.batch_size, max_length=cfg.model.max_length, seed=0,
-                            resume=resume, overwrite=not resume, progress=self.progress, stats=stats)
+                    extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
                 except StoreError:       # an interrupted store that cannot be resumed: start over
                     if not resume:
                         raise
-                    extract(mdl, tk, ds, path, layers=ex.layers, proj=ex.proj, dtype=ex.dtype,
-                            batch_size=ex.batch_size, max_length=cfg.model.max_length, seed=0,
-                            overwrite=True, progress=self.progress, stats=stats)
+                    extract(model, tok, ds, path, overwrite=True, **kw)
                 return {"seconds_extract": stats.seconds, "samples": stats.samples}
 
-            m = self.stage(sdir, f"extract_{split}", {"extract": ex_deps, "max_length": cfg.model.max_length},
-                           do_extract, upstream=up)
-            timings[f"extract_{split}"] = timings.get(f"extract_{split}", 0.0) + m["seconds"]
-        from fastinf.store import GradientStore
+            self._timed(ctx, f"extract_{split}", self.stage(ctx.sdir, f"extract_{split}", deps, do,
+                                                            upstream=[_marker_hash(ctx.sdir, "train")]))
+        ctx.stores = {s: GradientStore.open(ctx.sdir / "stores" / s) for s in ("train", "test")}
+        ctx.units = ctx.stores["train"].units
+        ctx.groups = self.groups(ctx.units)
+        nbytes = sum(ctx.stores["train"].feature_dim(u.name) for u in ctx.units) * _itemsize(ex.dtype)
+        self.echo(f"seed {ctx.seed}: stores of {len(ctx.units)} units ({nbytes:,} bytes/sample)")
+        ctx.upstream = [_marker_hash(ctx.sdir, "extract_train"), _marker_hash(ctx.sdir, "extract_test")]
 
-        stores = {s: GradientStore.open(sdir / "stores" / s) for s in ("train", "test")}
-        units = stores["train"].units
-        groups = self.groups(units)
-        self.echo(f"seed {seed}: stores of {len(units)} units "
-                  f"({sum(stores['train'].feature_dim(u.name) for u in units) * _itemsize(ex.dtype):,} bytes/sample)")
+    def stage_costs(self, ctx: "_SeedRun") -> None:
+        ex = self.cfg.extract
 
-        # 4. costs of named groups
-        up_ex = [_marker_hash(sdir, "extract_train"), _marker_hash(sdir, "extract_test")]
-
-        def do_costs() -> dict[str, Any]:
+        def do() -> dict[str, Any]:
             costs: list[dict[str, Any]] = []
             if ex.cost_repeats > 0:
-                mdl, tk = model_tok()
-                costs = measure_group_costs(mdl, tk, noisy_train, self.named_groups(units), units,
-                                            stores["train"], cfg)
-            (sdir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
+                model, tok = ctx.model()
+                costs = measure_group_costs(model, tok, ctx.noisy_train, self.named_groups(ctx.units), ctx.units,
+                                            ctx.stores["train"], self.cfg)
+            (ctx.sdir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
             return {}
 
-        m = self.stage(sdir, "costs", {"groups": list(cfg.aggregate.groups), "samples": ex.cost_samples,
-                                       "repeats": ex.cost_repeats}, do_costs, upstream=up_ex)
-        timings["costs"] = m["seconds"]
-        costs = json.loads((sdir / "costs.json").read_text())
+        deps = {"groups": list(self.cfg.aggregate.groups), "samples": ex.cost_samples, "repeats": ex.cost_repeats}
+        self._timed(ctx, "costs", self.stage(ctx.sdir, "costs", deps, do, upstream=ctx.upstream))
+        ctx.costs = json.loads((ctx.sdir / "costs.json").read_text())
 
-        # 5. scoring, per method
+    def stage_score(self, ctx: "_SeedRun") -> None:
+        from fastinf.estimators import score
+
         score_times: dict[str, float] = {}
-        for method in cfg.score.methods:
-            def do_score(method=method) -> dict[str, Any]:
-                from fastinf.estimators import score
-
+        for method in self.cfg.score.methods:
+            def do(method: str = method) -> dict[str, Any]:
                 t = time.perf_counter()
-                score(stores["test"], stores["train"], method=method, out=sdir / "scores" / method, overwrite=True)
+                score(ctx.stores["test"], ctx.stores["train"], method=method, out=ctx.sdir / "scores" / method,
+                      overwrite=True)
                 return {"score_s": time.perf_counter() - t}
 
-            m = self.stage(sdir, f"score_{method}", {"method": method}, do_score, upstream=up_ex)
-            score_times[method] = m["score_s"]
-            timings["score"] = timings.get("score", 0.0) + m["seconds"]
-        _apportion_score_time(costs, score_times, stores["train"], groups_named=self.named_groups(units))
+            m = self.stage(ctx.sdir, f"score_{method}", {"method": method}, do, upstream=ctx.upstream)
+            score_times[method] = self._timed(ctx, "score", m)["score_s"]
+        _apportion_score_time(ctx.costs, score_times, ctx.stores["train"])
+        ctx.upstream = ctx.upstream + [_marker_hash(ctx.sdir, f"score_{m}") for m in self.cfg.score.methods]
 
-        # 6. aggregate + evaluate
-        up_sc = up_ex + [_marker_hash(sdir, f"score_{m_}") for m_ in cfg.score.methods]
-        agg_deps = {"aggregate": to_dict(cfg.aggregate), "ndr_at": list(cfg.evaluate.ndr_at),
-                    "baselines": list(cfg.score.baselines)}
+    def stage_evaluate(self, ctx: "_SeedRun") -> None:
+        cfg = self.cfg
+        deps = {"aggregate": to_dict(cfg.aggregate), "ndr_at": list(cfg.evaluate.ndr_at),
+                "baselines": list(cfg.score.baselines)}
 
-        def do_eval() -> dict[str, Any]:
-            seed_rows = self.evaluate_seed(seed, sdir, stores, groups, noise.mask)
-            (sdir / "metrics.json").write_text(json.dumps(seed_rows, indent=1) + "\n")
-            return {"rows": len(seed_rows)}
+        def do() -> dict[str, Any]:
+            rows = self.evaluate_seed(ctx.seed, ctx.sdir, ctx.stores, ctx.groups, ctx.noise.mask)
+            (ctx.sdir / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
+            return {"rows": len(rows)}
 
-        m = self.stage(sdir, "evaluate", agg_deps, do_eval, upstream=up_sc)
-        timings["aggregate+evaluate"] = timings.get("aggregate+evaluate", 0.0) + m["seconds"]
-        seed_rows = json.loads((sdir / "metrics.json").read_text())
+        self._timed(ctx, "aggregate+evaluate", self.stage(ctx.sdir, "evaluate", deps, do, upstream=ctx.upstream))
+        ctx.rows = json.loads((ctx.sdir / "metrics.json").read_text())
 
-        # 7. filter and retrain
-        retrain_rows: list[dict[str, Any]] = []
-        fr = cfg.evaluate.filter_retrain
-        if fr.enabled:
-            def do_retrain() -> dict[str, Any]:
-                rows = self.filter_retrain(seed, sdir, train, noisy_train, test, noise, stores, groups)
-                (sdir / "retrain.json").write_text(json.dumps(rows, indent=1) + "\n")
-                return {}
+    def stage_retrain(self, ctx: "_SeedRun") -> None:
+        fr = self.cfg.evaluate.filter_retrain
+        if not fr.enabled:
+            return
 
-            m = self.stage(sdir, "retrain", {"filter_retrain": to_dict(fr), "aggregate": to_dict(cfg.aggregate)},
-                           do_retrain, upstream=up_sc)
-            timings["retrain"] = timings.get("retrain", 0.0) + m["seconds"]
-            retrain_rows = json.loads((sdir / "retrain.json").read_text())
-        return seed_rows, tinfo, costs, retrain_rows, timings, noise.mask
+        def do() -> dict[str, Any]:
+            rows = self.filter_retrain(ctx.seed, ctx.sdir, ctx.noisy_train, ctx.test, ctx.noise, ctx.stores,
+                                       ctx.groups)
+            (ctx.sdir / "retrain.json").write_text(json.dumps(rows, indent=1) + "\n")
+            return {}
+
+        deps = {"filter_retrain": to_dict(fr), "aggregate": to_dict(self.cfg.aggregate)}
+        self._timed(ctx, "retrain", self.stage(ctx.sdir, "retrain", deps, do, upstream=ctx.upstream))
+        ctx.retrain_rows = json.loads((ctx.sdir / "retrain.json").read_text())
 
     # ------------------------------------------------------------------------------------------
     def named_groups(self, units) -> dict[str, list[str]]:
@@ -437,7 +465,7 @@ class _Runner:
                          "role": None, "n_units": 0, **evaluate_scores(scores, mask, ndr_at)})
         return rows
 
-    def filter_retrain(self, seed, sdir, train, noisy_train, test, noise: NoiseResult, stores, groups):
+    def filter_retrain(self, seed, sdir, noisy_train, test, noise: NoiseResult, stores, groups):
         """Retrain after removing the lowest p% (influence), as many random samples, or the noisy ones."""
         from fastinf.train import evaluate_model, finetune, load_checkpoint
 
@@ -542,8 +570,8 @@ def measure_group_costs(model, tokenizer, ds, named_groups: dict[str, list[str]]
     return out
 
 
-def _apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store,
-                          groups_named: dict[str, list[str]]) -> None:
+def _apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store) -> None:
+    """Split the measured scoring time of all methods over the groups by feature dimension."""
     total_dim = sum(train_store.feature_dim(n) for n in train_store.unit_names)
     total_s = sum(score_times.values())
     for c in costs:

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", action="store_true", help="only the first config of each class")
     args = p.parse_args(argv)
     rows = check(tuple(args.arch or ARCHS), args.first)
-    print(f"{'kernel':8} {'sm':>3} {'class':11} {'config (a,b,warps,stages)':26} {'regs':>4} {'spill B':>7} {'smem B':>7}")
+    print(f"{'kernel':8} {'sm':>3} {'class':11} {'config (a,b,warps,stages)':26} {'regs':>4} "
+          f"{'spill B':>7} {'smem B':>7}")
     for r in rows:
         print(f"{r.kernel:8} {r.arch:>3} {r.klass:11} {str(r.config):26} {r.registers:>4} {r.spill_bytes:>7} "
               f"{r.shared_bytes:>7}")

@@ -6,9 +6,10 @@ One program per (sample b, token split s). It walks its token range in tiles of 
 each tile it projects x and g on the fly (chunks of BLOCK_D features, tl.dot with fp32 accumulation,
 inputs upcast to fp32 in registers; dot precisions: ``_utils.dot_precision``), weights the tokens by
 the mask and adds the (k_out x k_in) outer product of the tile to an fp32 accumulator in registers.
-Neither the (B, T, k) projections nor any (d_out, d_in) gradient ever reaches global memory. Tiles whose mask is all zero (padding of
-variable-length sequences) are skipped without reading x or g. With several splits each program
-writes an fp32 partial and the launcher sums them in a fixed order (deterministic).
+Neither the (B, T, k) projections nor any (d_out, d_in) gradient ever reaches global memory. Tiles
+whose mask is all zero (padding of variable-length sequences) are skipped without reading x or g.
+With several splits each program writes an fp32 partial and the launcher sums them in a fixed order
+(deterministic).
 
 The torch reference of the same function is :func:`fastinf.kernels.reference.kron_project`.
 """

@@ -46,7 +46,7 @@ def _write_all(w, feats, meta=None):
 # ------------------------------------------------------------------------------------------- corruption
 def test_corrupt_shard_is_named_by_verify_readers_and_scoring(tmp_path, capsys):
     feats = _feats()
-    train = GradientStore.from_arrays(tmp_path / "train", feats, chunk_size=16, dtype="fp32")
+    GradientStore.from_arrays(tmp_path / "train", feats, chunk_size=16, dtype="fp32")
     test = GradientStore.from_arrays(tmp_path / "test", _feats(5, seed=1), chunk_size=16, dtype="fp32")
     path = tmp_path / "train" / "units" / "0001.npy"
     raw = bytearray(path.read_bytes())

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import fastinf.kernels as K
 from fastinf.data import TextDataset

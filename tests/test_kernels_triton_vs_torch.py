@@ -33,7 +33,8 @@ def kern():
 
 
 def _check(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{what}: {tuple(got.shape)}/{got.dtype} vs {tuple(want.shape)}/{want.dtype}"
     diff = (got.double() - want.double()).abs()
     scale = want.double().abs().max().clamp_min(1e-30)
     err = float(diff.max() / scale)

@@ -12,7 +12,6 @@ import pytest
 
 from fastinf.errors import ConfigError
 from fastinf.plan import MAX_BATCH, auto_batch_size, auto_block_size, format_bytes, parse_bytes, plan
-from fastinf.projection import ProjectionSpec
 from fastinf.units import Unit
 from tests._models import make_model
 
