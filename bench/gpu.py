@@ -225,27 +225,107 @@ def run_kernels(b: Bench, reserve_s: float) -> None:
 
 # ------------------------------------------------------------------------------------------- extraction
 
-def model_cases(tiny: bool) -> list[dict]:
+def _torch_classifier(vocab: int, d: int, layers: int, heads: int, kv_heads: int, ff: int, labels: int):
+    """A pure-torch Llama-shaped sequence classifier (pre-norm blocks, grouped-query SDPA attention,
+    SwiGLU MLP, ``score`` head on the last real token), named like HF Llama so fastinf finds its units.
+    Used only when transformers is not installed (a stock PyTorch + Triton image)."""
     import torch
-    import transformers as tf
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hd = d // heads
+            self.q_proj = nn.Linear(d, heads * self.hd, bias=False)
+            self.k_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
+            self.v_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
+            self.o_proj = nn.Linear(heads * self.hd, d, bias=False)
+
+        def forward(self, h, keep):                                   # h (B, T, d), keep (B, 1, 1, T) bool
+            B, T, _ = h.shape
+            q = self.q_proj(h).view(B, T, heads, self.hd).transpose(1, 2)
+            k = self.k_proj(h).view(B, T, kv_heads, self.hd).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            v = self.v_proj(h).view(B, T, kv_heads, self.hd).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, hd)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
+            self.down_proj = nn.Linear(ff, d, bias=False)
+
+        def forward(self, h):
+            return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.self_attn, self.mlp = Attention(), MLP()
+
+        def forward(self, h, keep):
+            h = h + self.self_attn(self.input_layernorm(h), keep)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.embed_tokens = nn.Embedding(vocab, d)
+            self.model.layers = nn.ModuleList(Block() for _ in range(layers))
+            self.model.norm = nn.LayerNorm(d)
+            self.score = nn.Linear(d, labels, bias=False)
+
+        def get_input_embeddings(self) -> nn.Embedding:
+            return self.model.embed_tokens
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            keep = mask.bool()[:, None, None, :]
+            h = self.model.embed_tokens(input_ids)
+            for block in self.model.layers:
+                h = block(h, keep)
+            last = mask.sum(dim=1).clamp_min(1) - 1                    # right padding: last real token
+            return self.score(self.model.norm(h)[torch.arange(h.shape[0], device=h.device), last])
+
+    return Classifier()
+
+
+def model_cases(tiny: bool) -> list[dict]:
+    """Models for the extraction section: Hugging Face BERT / Llama when transformers is installed,
+    else the pure-torch Llama-shaped classifier at the same sizes."""
+    import torch
+    try:
+        import transformers as tf
+    except ImportError:
+        tf = None
+
+    def llama(vocab, d, layers, heads, kv_heads, ff):
+        if tf is None:
+            return lambda: _torch_classifier(vocab, d, layers, heads, kv_heads, ff, 2)
+        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                                pad_token_id=0, num_labels=2, tie_word_embeddings=False)
+        return lambda: tf.LlamaForSequenceClassification(config)
+
+    def bert(vocab, d, layers, heads, ff):
+        if tf is None:
+            return lambda: _torch_classifier(vocab, d, layers, heads, heads, ff, 2)
+        config = tf.BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=ff, max_position_embeddings=512, num_labels=2)
+        return lambda: tf.BertForSequenceClassification(config)
+
+    src = "HF" if tf is not None else "pure-torch"
     if tiny:   # one decoder: the code path of both real cases (BERT extraction is covered by the tests)
-        return [
-            dict(name="llama-tiny", B=2, T=10, dtype=torch.float32,
-                 config=tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                       pad_token_id=0, num_labels=2, tie_word_embeddings=False),
-                 cls=tf.LlamaForSequenceClassification),
-        ]
+        return [dict(name=f"llama-tiny ({src})", B=2, T=10, V=100, dtype=torch.float32,
+                     build=llama(100, 32, 2, 2, 1, 64))]
     return [
-        dict(name="MiniLM-size BERT (6L, d384) B64 T128", B=64, T=128, dtype=torch.float32,
-             config=tf.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536, max_position_embeddings=512, num_labels=2),
-             cls=tf.BertForSequenceClassification),
-        dict(name="Llama-1B-shape, 2 layers, bf16, B8 T512", B=8, T=512, dtype=torch.bfloat16,
-             config=tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                                   pad_token_id=0, num_labels=2, tie_word_embeddings=False),
-             cls=tf.LlamaForSequenceClassification),
+        dict(name=f"MiniLM-size BERT 6L d384 B64 T128 ({src})", B=64, T=128, V=30522, dtype=torch.float32,
+             build=bert(30522, 384, 6, 12, 1536)),
+        dict(name=f"Llama-1B-shape 2L bf16 B8 T512 ({src})", B=8, T=512, V=128256, dtype=torch.bfloat16,
+             build=llama(128256, 2048, 2, 32, 8, 8192)),
     ]
 
 
@@ -275,8 +355,8 @@ def extraction_case(b: Bench, mc: dict, seed: int) -> Row:
 
     torch.manual_seed(seed)
     with b.device:                                           # initialise the weights on the device (fast)
-        model = mc["cls"](mc["config"]).to(mc["dtype"]).eval()
-    B, T, V = mc["B"], mc["T"], mc["config"].vocab_size
+        model = mc["build"]().to(mc["dtype"]).eval()
+    B, T, V = mc["B"], mc["T"], mc["V"]
     gen = torch.Generator().manual_seed(seed + 1)
     mask = ragged_mask(B, T, "cpu", gen).long()
     ids = torch.randint(1, V, (B, T), generator=gen) * mask              # pad id 0 after each sequence
@@ -395,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     reps = args.reps or (2 if args.tiny else 50)
-    b = Bench(args.device, args.tiny, args.budget_s, reps, warmup=1 if args.tiny else 3)
+    b = Bench(args.device, args.tiny, args.budget_s, reps, warmup=0 if args.tiny else 3)
     run_kernels(b, reserve_s=0 if args.skip_extract or args.tiny else 100)
     if not args.skip_extract:
         run_extraction(b)
@@ -403,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "gpu", "mode": "cpu-interpreter-dry-run" if args.device == "cpu" else "cuda",
               "env": environment(b), "elapsed_s": round(time.monotonic() - b.t0, 1), "targets": targets(b),
               "rows": [asdict(r) for r in b.rows], "skipped": b.skipped,
-              "note": ("dry run under the Triton interpreter: checks are real, timings are not" if args.device == "cpu"
+              "note": ("dry run on CPU under the Triton interpreter (no CUDA device): the correctness checks are "
+                        "real, the timings are not (interpreted kernels)" if args.device == "cpu"
                        else "kernel timings: CUDA events, median of reps after warm-up (autotuning in warm-up); "
                             "reference = fastinf.kernels.reference (fp32 matmuls, TF32 off)")}
     out = args.out or RESULTS / ("gpu_dryrun.json" if args.device == "cpu" else "gpu.json")

@@ -224,8 +224,10 @@ def main() -> None:
     with Stage("ndr"):
         quality = {h: {"ndr@30": round(float(ndr(agg[h], noise_mask, at=30)), 4),
                        "auc_ndr": round(float(auc_ndr(agg[h], noise_mask)), 4)} for h in ("rank", "vote")}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # each stage resets the kernel's peak-RSS counter (clear_refs), which also resets ru_maxrss: the process
+    # peak is the largest stage peak (or ru_maxrss if something after the last reset was larger)
     stage_peak = max(v["peak_rss_mb"] for v in Stage.results.values())
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, int(stage_peak * 2**20))
     store_bytes = {"train_store": _du(Path(train.path)), "test_store": _du(work / "test"),
                    "score_files": _du(work / "scores")}
     per_sample_s = 1.0 / rate
@@ -246,13 +248,15 @@ def main() -> None:
         "extract": {"samples_per_s": round(rate, 1), "tokenize_s": round(stats.tokenize_s, 2),
                     "compute_s": round(stats.compute_s, 2), "write_s": round(stats.write_s, 2),
                     "projected_minutes_for_n": round(projected_min, 1)},
-        "peak_rss_mb": round(peak / 2**20, 1), "max_stage_peak_rss_mb": stage_peak,
+        "peak_rss_mb": round(peak / 2**20, 1),
         "peak_rss_within_4gb": peak <= 4 * 2**30,
         "store_bytes": store_bytes, "quality": quality,
         "throughput": {"extract_us_per_sample": round(1e6 * per_sample_s, 1),
                        "score_ns_per_pair_unit": round(1e9 * score_s / (args.n * args.m * len(train.unit_names)), 3),
                        "aggregate_ns_per_pair_unit": round(
                            1e9 * Stage.results["aggregate"]["seconds"] / (args.n * args.m * len(train.unit_names)), 3)},
+        "projection": _projection(args.n, args.m, len(train.unit_names), p.feature_dims // len(train.unit_names),
+                                  rate, score_s, store_bytes["score_files"]),
         "environment": {"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                         "torch": torch.__version__, "python": platform.python_version(),
@@ -260,11 +264,34 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    pr = result["projection"]
+    print(f"projection: extraction {pr['extract_minutes_1_process']} min in 1 process, "
+          f"{pr['extract_minutes_8_ranks']} min on 8 ranks; scoring {pr['score_gflops_measured']} GFLOP/s measured; "
+          f"GPU (assumed rates) {pr['gpu_extract_minutes']} min extract, {pr['gpu_score_seconds']} s score")
     print(f"\npeak RSS {peak / 2**30:.2f} GiB (limit 4 GiB); train store {store_bytes['train_store'] / 2**20:.0f} MiB; "
           f"score files {store_bytes['score_files'] / 2**30:.2f} GiB; NDR@30 rank {quality['rank']['ndr@30']} "
           f"vote {quality['vote']['ndr@30']}\nwrote {args.out}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _projection(n: int, m: int, units: int, k: int, rate: float, score_s: float, score_bytes: int) -> dict:
+    """Throughput projected from the measured per-sample costs (linear in ranks; GPU rates are assumptions)."""
+    flops = 2.0 * n * m * k * units                      # scoring GEMMs
+    gpu_tflops, gpu_samples_per_s, disk_gbps = 20.0, 50_000.0, 2.0
+    return {
+        "note": "from this run's measured costs; extraction and scoring shard over torchrun ranks with identical "
+                "results, so time scales ~1/ranks. GPU figures use the ASSUMED rates listed (not measured here).",
+        "extract_minutes_1_process": round(n / rate / 60, 1),
+        "extract_minutes_8_ranks": round(n / rate / 8 / 60, 1),
+        "extract_minutes_64_ranks": round(n / rate / 64 / 60, 2),
+        "score_gflops_measured": round(flops / score_s / 1e9, 2),
+        "score_minutes_8_ranks": round(score_s / 8 / 60, 2),
+        "assumed_gpu": {"gemm_tflops": gpu_tflops, "extract_samples_per_s": gpu_samples_per_s,
+                        "score_file_write_gb_per_s": disk_gbps},
+        "gpu_extract_minutes": round(n / gpu_samples_per_s / 60, 2),
+        "gpu_score_seconds": round(max(flops / (gpu_tflops * 1e12), score_bytes / (disk_gbps * 1e9)), 1),
+    }
 
 
 def _git_sha() -> str | None:

@@ -58,7 +58,7 @@ def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train:
                         n_train=n_train, n_test=n_test, split_seed=0),
         noise=NoiseConfig(rate=0.2),
         model=ModelConfig(name="minilm", max_length=max_length),
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_ratio=0.1,
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_ratio=0.1, group_by_length=True,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
         extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=32, cost_repeats=2),
         score=ScoreConfig(methods=METHODS[:3] if quick else METHODS),

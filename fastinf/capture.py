@@ -152,7 +152,8 @@ class _UnitCapture:
         rec, g = self.records[0], grads[0]
         if g is None:
             g = torch.zeros(rec.y.shape, dtype=torch.float32, device=rec.y.device)
-        g = self._scaled(g).float()
+        g = self._scaled(g)
+        g = g if g.dtype == torch.float64 else g.float()
         if rec.mask is not None:
             g = g * rec.mask.reshape(*rec.mask.shape, 1).to(g.dtype)
         return rec.x, g

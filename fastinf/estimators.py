@@ -66,6 +66,8 @@ METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", 
 _CURVATURE = {"graddot": "identity", "gradcos": "identity", "tracin": "identity", "if": "if",
               "datainf": "datainf", "lissa": "lissa"}
 DEFAULT_BLOCK_BYTES = 256 << 20
+OUT_BLOCK_BYTES = 32 << 20   # cap of one [m, b] float32 output buffer
+ASYNC_IO = True          # read the next train block and write the last score block in background threads
 _MAX_TEST_BLOCK = 8192
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -245,9 +247,11 @@ class _Plan:
 
 def _train_block_rows(k: int, m_rows: int, terms: int, budget: int) -> int:
     """Train rows per block: two output buffers [m, b] + train features [b, k] per term (float32, plus
-    a decode copy)."""
+    a decode copy), within ``budget``; each output buffer is also capped at ``OUT_BLOCK_BYTES`` (big
+    fresh buffers cost more in first-touch page faults than they save in per-block overhead)."""
     per_row = 4 * (2 * m_rows + 2 * k * terms)
-    return int(max(64, min(1 << 22, budget // max(per_row, 1))))
+    rows = min(budget // max(per_row, 1), OUT_BLOCK_BYTES // (4 * max(m_rows, 1)))
+    return int(max(64, min(1 << 22, rows)))
 
 
 def _test_block_rows(k: int, M: int, budget: int) -> int:
@@ -345,6 +349,7 @@ class _BlockSink:
         self.pending: list[Any] = [None] * depth
         self.turn = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinf-scores")
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinf-read")
 
     def buffer(self, m: int, b: int) -> torch.Tensor:
         """The next free [m, b] output buffer (waits for its previous write to finish)."""
@@ -356,6 +361,9 @@ class _BlockSink:
 
     def submit(self, unit_index: int, m0: int, n0: int, block: np.ndarray) -> None:
         """Write ``block`` (a view of the current buffer, or a copy) in the background."""
+        if not ASYNC_IO:
+            self.writer.write(unit_index, m0, n0, block)
+            return
         self.pending[self.turn] = self.pool.submit(self.writer.write, unit_index, m0, n0, block)
         self.turn = (self.turn + 1) % len(self.bufs)
 
@@ -366,6 +374,23 @@ class _BlockSink:
                     f.result()
         finally:
             self.pool.shutdown(wait=True)
+            self.reader.shutdown(wait=True)
+
+
+def _prefetched(items: Iterator[Any], pool: Any) -> Iterator[Any]:
+    """Yield from ``items`` while the next item is read in ``pool`` (store reads, checksums and fp16
+    decoding release the GIL, so they overlap the GEMM of the current block)."""
+    if not ASYNC_IO:
+        yield from items
+        return
+    done = object()
+    fut = pool.submit(next, items, done)
+    while True:
+        item = fut.result()
+        if item is done:
+            return
+        fut = pool.submit(next, items, done)
+        yield item
 
 
 def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_bytes: int, bar: Any) -> None:
@@ -394,7 +419,7 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
                     q = to_tensor(q).to(dt)                                               # (m, k)
                     qs.append(_prepare_queries(method, q, p).to(dt) * t.weight)
                 streams = [t.train.iter_blocks(name, nb) for t in plan.terms]
-                for blocks in zip(*streams):
+                for blocks in _prefetched(zip(*streams), sink.reader):
                     n0, b = blocks[0][0], len(blocks[0][1])
                     out = sink.buffer(len(qs[0]), b)                                      # (m, b)
                     for j, (q, (_, g), t) in enumerate(zip(qs, blocks, plan.terms)):

@@ -265,6 +265,27 @@ def _score_bytes(k: int, m: int, b: int, dtype: str) -> int:
     return b * k * (_ITEMSIZE[dtype] + 4 + 8) + m * k * (4 + 8) + m * b * (8 + 4)
 
 
+def _largest_block(ks: Sequence[int], m: int, dtype: str, budget: int, precond_bytes: int = 0) -> int:
+    """Largest train block ``b`` whose worst unit's scoring memory plus ``precond_bytes`` fits ``budget``."""
+    per_row = max(_score_bytes(k, m, 1, dtype) - _score_bytes(k, m, 0, dtype) for k in ks)
+    fixed = max(_score_bytes(k, m, 0, dtype) for k in ks) + precond_bytes
+    return int(max(0, (budget - fixed) // per_row))
+
+
+def _largest_batch(free: int, per_sample: int, chunk_row: int, chunk_size: int | None) -> int:
+    """Largest batch ``B`` (<= MAX_BATCH) with ``B * per_sample + chunk * chunk_row <= free``; the chunk
+    is ``chunk_size`` or extraction's default of 16 batches (at most 4096 rows, at least one batch)."""
+    best, lo, hi = 0, 1, MAX_BATCH
+    while lo <= hi and free > 0:
+        mid = (lo + hi) // 2
+        c = chunk_size or max(mid, min(4096, mid * 16))
+        if mid * per_sample + c * chunk_row <= free:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def _agg_bytes(n: int, rows: int) -> int:
     """A slab of ``rows x N`` float32 scores, its float64 doubled ranks and argsort indices (int64),
     plus per-atom accumulators (two float64 N-vectors)."""
@@ -418,10 +439,8 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
 
     item = _ITEMSIZE[dtype]
     rows: list[UnitPlan] = []
-    k_max = 0
     for u in units:
         k = feature_dim(u, spec)
-        k_max = max(k_max, k)
         rows.append(UnitPlan(
             name=u.name, kind=u.kind, block=u.block, role=u.role, shape=(u.d_out, u.d_in), feature_dim=k,
             bytes_per_sample=k * item, store_bytes=n * k * item, test_store_bytes=m * k * item,
@@ -432,18 +451,7 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
     # --- extraction: largest B with params + B*(act + capture) + chunk buffers <= budget
     per_sample = act + sum(r.capture_bytes_per_sample for r in rows)
     chunk_row = feat_total * (4 + 4 + item) + 2 * META_BYTES_PER_SAMPLE
-    free = budget - param_bytes
-    # the default chunk is 16 batches (at most 4096 rows): solve with c = min(4096, 16 B) >= B
-    safe_batch = 0
-    if free > 0:
-        lo, hi = 1, MAX_BATCH
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            c = chunk_size or max(mid, min(4096, mid * 16))
-            if mid * per_sample + c * chunk_row <= free:
-                safe_batch, lo = mid, mid + 1
-            else:
-                hi = mid - 1
+    safe_batch = _largest_batch(budget - param_bytes, per_sample, chunk_row, chunk_size)
     safe_batch = min(safe_batch, n)
     if safe_batch < 1:
         notes.append(f"even batch 1 needs {format_bytes(param_bytes + per_sample + chunk_row)} of a "
@@ -453,10 +461,7 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
 
     # --- scoring: largest train block b with the worst unit's block + its preconditioner <= budget
     pre_max = max((r.precond_bytes for r in rows), default=0)
-    per_row = max(k * (item + 4 + 8) + 12 * m for k in {r.feature_dim for r in rows})
-    fixed_score = max(12 * m * r.feature_dim for r in rows) + pre_max
-    safe_block = max(0, (budget - fixed_score) // per_row) if per_row else n
-    safe_block = int(min(safe_block, n))
+    safe_block = min(_largest_block([r.feature_dim for r in rows], m, dtype, budget, pre_max), n)
     if safe_block < 1:
         notes.append(f"scoring does not fit: M={m} test rows and the preconditioner ({format_bytes(pre_max)}) "
                      f"exceed the {format_bytes(budget)} budget; score the test set in parts")
@@ -501,7 +506,4 @@ def auto_block_size(feature_dims: Sequence[int], m: int, *, n: int, dtype: str =
     dtype = canonical_dtype(dtype)
     mem = parse_bytes(device_memory) if device_memory is not None else device_memory_bytes(device)
     budget = int(mem * fraction)
-    ks = list(feature_dims) or [1]
-    per_row = max(k * (_ITEMSIZE[dtype] + 4 + 8) + 12 * m for k in ks)
-    fixed = max(12 * m * k for k in ks) + precond_bytes
-    return int(max(1, min(cap, n, (budget - fixed) // per_row)))
+    return int(max(1, min(cap, n, _largest_block(list(feature_dims) or [1], m, dtype, budget, precond_bytes))))

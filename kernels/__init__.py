@@ -12,6 +12,12 @@ kernels, CPU tensors to the torch references in :mod:`fastinf.kernels.reference`
 
 ``FASTINF_KERNELS=torch|triton|auto`` (environment) or :func:`use_backend` (context manager) forces a
 path. Importing this package does not import Triton; the kernel modules load on first use.
+
+Precision: accumulation is fp32 throughout; fp32 inputs use tf32x3 dots (rel. error ~1e-6), fp16/bf16
+inputs tf32 dots on rounded operands (rel. error ~5e-4, below the inputs' own rounding). Tuning:
+``kernels/_utils.py`` (per-GPU config tables), ``python -m fastinf.kernels.compile_check`` (compile for
+sm_90/sm_80 without a GPU and report registers/spills), ``bench/gpu.py`` (checks and timings on a GPU).
+The kernel paths are inference-only (no autograd); the references are differentiable.
 """
 from __future__ import annotations
 

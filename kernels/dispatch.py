@@ -85,19 +85,21 @@ def resolve(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
     elif want == "auto":
         choice = "triton" if device.type == "cuda" and supported and triton_available() else "torch"
     else:
+        forced = f"backend 'triton' (forced by {ENV_VAR} or use_backend)"
         if not triton_available():
-            raise BackendError(f"{ENV_VAR}=triton: expected the triton package, found none; install it "
+            raise BackendError(f"{forced}: expected the triton package, found none; install it "
                                f"(pip install triton) or set {ENV_VAR}=torch")
         if not supported:
-            raise BackendError(f"{ENV_VAR}=triton: the kernels read float32/float16/bfloat16, found "
-                               f"{sorted({str(d) for d in dtypes})}; cast the inputs or set {ENV_VAR}=auto")
+            bad = sorted({str(d) for d in dtypes if d not in KERNEL_DTYPES})
+            raise BackendError(f"{forced}: the kernels read float32/float16/bfloat16, found {bad}; "
+                               f"cast the inputs or set {ENV_VAR}=auto (which sends them to the torch reference)")
         if device.type == "cpu" and not _interpreter_runs_cpu():
-            raise BackendError(f"{ENV_VAR}=triton on CPU tensors: expected the Triton interpreter "
+            raise BackendError(f"{forced} on CPU tensors: expected the Triton interpreter "
                                f"(TRITON_INTERPRET=1 set before the kernels are first used), found it off; "
                                f"set it at the start of the process, move the tensors to CUDA, or set "
                                f"{ENV_VAR}=torch")
         if device.type not in ("cpu", "cuda"):
-            raise BackendError(f"{ENV_VAR}=triton: expected CUDA (or CPU with the interpreter) tensors, "
+            raise BackendError(f"{forced}: expected CUDA (or CPU with the interpreter) tensors, "
                                f"found device {device}; set {ENV_VAR}=auto")
         choice = "triton"
     key = (want, device.type, choice)

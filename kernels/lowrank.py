@@ -5,8 +5,9 @@
 One program per tile of BLOCK_N columns of X. For each chunk of at most RANK_CHUNK basis vectors it
 forms ``Z = diag(w) Uᵀ X_tile`` (r_c, BLOCK_N) in registers (loop over k in BLOCK_K chunks), then
 writes ``U Z + c X_tile`` chunk by chunk of k. The tile of X is read twice (the second time from L2),
-and neither ``Uᵀ X`` nor ``U diag(w) Uᵀ`` reaches global memory. With several rank chunks the program
-adds each chunk's contribution to its own (fp32) output tile, so the result is deterministic.
+and neither ``Uᵀ X`` nor ``U diag(w) Uᵀ`` reaches global memory. With several rank chunks (r > 64) the
+program re-reads its tile per chunk and adds each chunk's contribution to its own fp32 output tile, so
+the result stays deterministic.
 
 The torch reference of the same function is :func:`fastinf.kernels.reference.lowrank_apply`.
 """

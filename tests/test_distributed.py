@@ -159,3 +159,14 @@ def test_second_scoring_writer_is_refused(tmp_path):
         held.release()
     s = score_distributed(test, train, "graddot", out=out, block_size=8, resume=True)
     assert s.n_train == 40
+
+
+def test_block_size_comes_from_the_plan_when_not_given(tmp_path):
+    from fastinf.plan import auto_block_size
+
+    test, train = _synthetic(tmp_path, n=300, m=5, k=8)
+    s = score_distributed(test, train, "graddot", out=tmp_path / "s", device_memory="8K")
+    want = auto_block_size([8, 8], 5, n=300, dtype=train.dtype, device_memory="8K")
+    assert 1 < want < 300 and s.params["dist"]["block_size"] == want     # an 8 KiB budget forces small blocks
+    ref = score_distributed(test, train, "graddot", out=tmp_path / "r", block_size=300)
+    np.testing.assert_array_equal(np.asarray(s.unit_scores("u0")), np.asarray(ref.unit_scores("u0")))

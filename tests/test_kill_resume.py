@@ -105,9 +105,9 @@ def _synthetic_pair(tmp_path: Path, n: int, m: int, k: int, units: int):
 
 @pytest.mark.parametrize("method", ["datainf"])
 def test_scoring_killed_then_resumed_is_byte_identical(tmp_path, one_thread, method):
-    test, train = _synthetic_pair(tmp_path, n=800, m=24, k=16, units=2)
+    test, train = _synthetic_pair(tmp_path, n=480, m=24, k=16, units=2)
     out = tmp_path / "killed"
-    k = random.Random(1).randint(5, 80)                        # after k of 2 x 200 blocks
+    k = random.Random(1).randint(5, 60)                        # after k of 2 x 120 blocks
     cmd = [sys.executable, "-m", "fastinf.dist_score", "--test", str(test.path), "--train", str(train.path),
            "--out", str(out), "--method", method, "--block-size", "4"]
     _kill_when(cmd, lambda: _lines(out / "progress" / "rank-0.jsonl") >= k)

