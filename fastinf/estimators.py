@@ -66,8 +66,7 @@ METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", 
 _CURVATURE = {"graddot": "identity", "gradcos": "identity", "tracin": "identity", "if": "if",
               "datainf": "datainf", "lissa": "lissa"}
 DEFAULT_BLOCK_BYTES = 256 << 20
-OUT_BLOCK_BYTES = 32 << 20   # cap of one [m, b] float32 output buffer
-ASYNC_IO = True          # read the next train block and write the last score block in background threads
+OUT_BLOCK_BYTES = 256 << 20  # cap of the [m, b] float32 output buffer
 _MAX_TEST_BLOCK = 8192
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -246,10 +245,10 @@ class _Plan:
 
 
 def _train_block_rows(k: int, m_rows: int, terms: int, budget: int) -> int:
-    """Train rows per block: two output buffers [m, b] + train features [b, k] per term (float32, plus
-    a decode copy), within ``budget``; each output buffer is also capped at ``OUT_BLOCK_BYTES`` (big
-    fresh buffers cost more in first-touch page faults than they save in per-block overhead)."""
-    per_row = 4 * (2 * m_rows + 2 * k * terms)
+    """Train rows per block: the output buffer [m, b] + train features [b, k] per term (float32, plus a
+    decode copy), within ``budget``; the output buffer is also capped at ``OUT_BLOCK_BYTES``: larger
+    blocks save per-row write calls, but a fresh buffer costs first-touch page faults."""
+    per_row = 4 * (m_rows + 2 * k * terms)
     rows = min(budget // max(per_row, 1), OUT_BLOCK_BYTES // (4 * max(m_rows, 1)))
     return int(max(64, min(1 << 22, rows)))
 
@@ -337,105 +336,47 @@ def _test_blocks(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray]]:
         yield r0, r1, plan.keep_test[r0:r1]
 
 
-class _BlockSink:
-    """Double-buffered output: the GEMM fills one buffer while a background thread writes the other
-    to disk (``os.pwrite`` and torch's GEMM both release the GIL). Memory: ``depth`` × [m, b] buffers."""
-
-    def __init__(self, writer: ScoreSetWriter, numel: int, dtype: torch.dtype, depth: int = 2) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.writer = writer
-        self.bufs = [torch.empty(numel, dtype=dtype) for _ in range(depth)]
-        self.pending: list[Any] = [None] * depth
-        self.turn = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinf-scores")
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinf-read")
-
-    def buffer(self, m: int, b: int) -> torch.Tensor:
-        """The next free [m, b] output buffer (waits for its previous write to finish)."""
-        i = self.turn
-        if self.pending[i] is not None:
-            self.pending[i].result()
-            self.pending[i] = None
-        return self.bufs[i][:m * b].view(m, b)
-
-    def submit(self, unit_index: int, m0: int, n0: int, block: np.ndarray) -> None:
-        """Write ``block`` (a view of the current buffer, or a copy) in the background."""
-        if not ASYNC_IO:
-            self.writer.write(unit_index, m0, n0, block)
-            return
-        self.pending[self.turn] = self.pool.submit(self.writer.write, unit_index, m0, n0, block)
-        self.turn = (self.turn + 1) % len(self.bufs)
-
-    def close(self) -> None:
-        try:
-            for f in self.pending:
-                if f is not None:
-                    f.result()
-        finally:
-            self.pool.shutdown(wait=True)
-            self.reader.shutdown(wait=True)
-
-
-def _prefetched(items: Iterator[Any], pool: Any) -> Iterator[Any]:
-    """Yield from ``items`` while the next item is read in ``pool`` (store reads, checksums and fp16
-    decoding release the GIL, so they overlap the GEMM of the current block)."""
-    if not ASYNC_IO:
-        yield from items
-        return
-    done = object()
-    fut = pool.submit(next, items, done)
-    while True:
-        item = fut.result()
-        if item is done:
-            return
-        fut = pool.submit(next, items, done)
-        yield item
-
-
 def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_bytes: int, bar: Any) -> None:
-    """One GEMM per (unit, test block, train block): ``S = Σ_terms w · (Q H⁻¹) Gᵀ``."""
+    """One GEMM per (unit, test block, train block): ``S = Σ_terms w · (Q H⁻¹) Gᵀ``, computed into one
+    reused output buffer and written to the score set (``os.pwrite``) before the next block."""
     method, dt = plan.method, plan.dtype
     names = [u.name for u in plan.units]
     nb_max = max(_train_block_rows(plan.terms[0].train.feature_dim(n), plan.test_rows, len(plan.terms), block_bytes)
                  for n in names)
-    sink = _BlockSink(writer, plan.test_rows * min(nb_max, plan.terms[0].train.n), dt)
-    try:
-        for ui, name in enumerate(names):
-            k = plan.terms[0].train.feature_dim(name)
-            pre = [fit_preconditioner(t.train, name, _CURVATURE[method], drop_nonfinite=plan.drop, **curvature)
-                   if _CURVATURE[method] != "identity" else IdentityPreconditioner(k, t.train.n)
-                   for t in plan.terms]
-            nb = _train_block_rows(k, plan.test_rows, len(plan.terms), block_bytes)
-            for r0, r1, keep_q in _test_blocks(plan):
-                if not keep_q.any():
-                    continue
-                qs = []
-                for t, p in zip(plan.terms, pre):
-                    _, q = next(t.test.iter_blocks(name, r1 - r0, start=r0, stop=r1))
-                    q = q[keep_q]
-                    if not plan.drop and not np.isfinite(q).all():
-                        _raise_nonfinite(t.test, names, "test")
-                    q = to_tensor(q).to(dt)                                               # (m, k)
-                    qs.append(_prepare_queries(method, q, p).to(dt) * t.weight)
-                streams = [t.train.iter_blocks(name, nb) for t in plan.terms]
-                for blocks in _prefetched(zip(*streams), sink.reader):
-                    n0, b = blocks[0][0], len(blocks[0][1])
-                    out = sink.buffer(len(qs[0]), b)                                      # (m, b)
-                    for j, (q, (_, g), t) in enumerate(zip(qs, blocks, plan.terms)):
-                        if not plan.drop and not np.isfinite(g).all():
-                            _raise_nonfinite(t.train, names, "train")
-                        gt = _prepare_keys(method, to_tensor(g).to(dt)).T                 # (k, b)
-                        if j == 0:
-                            torch.matmul(q, gt, out=out)
-                        else:
-                            out.addmm_(q, gt)
-                    keep = plan.keep_train[n0:n0 + b]
-                    block = out.numpy() if keep.all() else out.numpy()[:, keep]
-                    sink.submit(ui, plan.row_offset(r0), plan.col_offset(n0), block)
-                    bar.update(1)
-    finally:
-        sink.close()
+    buf = torch.empty(plan.test_rows * min(nb_max, plan.terms[0].train.n), dtype=dt)
+    for ui, name in enumerate(names):
+        k = plan.terms[0].train.feature_dim(name)
+        pre = [fit_preconditioner(t.train, name, _CURVATURE[method], drop_nonfinite=plan.drop, **curvature)
+               if _CURVATURE[method] != "identity" else IdentityPreconditioner(k, t.train.n)
+               for t in plan.terms]
+        nb = _train_block_rows(k, plan.test_rows, len(plan.terms), block_bytes)
+        for r0, r1, keep_q in _test_blocks(plan):
+            if not keep_q.any():
+                continue
+            qs = []
+            for t, p in zip(plan.terms, pre):
+                _, q = next(t.test.iter_blocks(name, r1 - r0, start=r0, stop=r1))
+                q = q[keep_q]
+                if not plan.drop and not np.isfinite(q).all():
+                    _raise_nonfinite(t.test, names, "test")
+                q = to_tensor(q).to(dt)                                                   # (m, k)
+                qs.append(_prepare_queries(method, q, p).to(dt) * t.weight)
+            streams = [t.train.iter_blocks(name, nb) for t in plan.terms]
+            for blocks in zip(*streams):
+                n0, b = blocks[0][0], len(blocks[0][1])
+                out = buf[:len(qs[0]) * b].view(len(qs[0]), b)                            # (m, b)
+                for j, (q, (_, g), t) in enumerate(zip(qs, blocks, plan.terms)):
+                    if not plan.drop and not np.isfinite(g).all():
+                        _raise_nonfinite(t.train, names, "train")
+                    gt = _prepare_keys(method, to_tensor(g).to(dt)).T                     # (k, b)
+                    if j == 0:
+                        torch.matmul(q, gt, out=out)
+                    else:
+                        out.addmm_(q, gt)
+                keep = plan.keep_train[n0:n0 + b]
+                writer.write(ui, plan.row_offset(r0), plan.col_offset(n0),
+                             out.numpy() if keep.all() else out.numpy()[:, keep])
+                bar.update(1)
 
 
 def _score_selfinf(plan: _Plan, writer: ScoreSetWriter, curvature_method: str, curvature: dict,

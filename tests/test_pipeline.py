@@ -45,6 +45,17 @@ def tiny_config(root: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, which only spin against other processes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -224,3 +235,16 @@ def test_filter_and_retrain_compares_influence_random_and_oracle_removal(tiny_ru
     assert rows["influence"]["noisy_removed"] == mask[np.argsort(agg, kind="stable")[:16]].sum()
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
     assert "Filter and retrain" in (root / "run" / "report.md").read_text()
+
+
+def test_set_overrides_apply_to_nested_keys_and_are_validated():
+    from fastinf.commands.run import apply_overrides
+
+    d = apply_overrides({"train": {"epochs": 3}}, ["train.epochs=2", "seeds=[0, 1]", "train.lora=null",
+                                                   "aggregate.how=[rank]"])
+    cfg = RunConfig.from_dict(d)
+    assert (cfg.train.epochs, cfg.seeds, cfg.train.lora, cfg.aggregate.how) == (2, [0, 1], None, ["rank"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        RunConfig.from_dict(apply_overrides({}, ["train.epoch=2"]))

@@ -47,6 +47,17 @@ def make_sentiment(n: int, seed: int = 0) -> TextDataset:
     return TextDataset(texts=texts, labels=np.array(labels), name=f"sentiment{seed}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, which only spin against other processes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "bert")
