@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
-from fastinf.store import _Lock, _os_error
+from fastinf.store import WriterLock, storage_error
 
 __all__ = ["score_distributed", "train_blocks", "owner_of", "PAIRWISE_METHODS", "main"]
 
@@ -256,7 +256,7 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     if manifest.get("complete"):
         d.barrier()
         return ScoreSet.open(out)
-    lock = _Lock(out / "locks" / f"rank-{d.rank}.lock")   # a second writer of this rank is refused
+    lock = WriterLock(out / "locks" / f"rank-{d.rank}.lock")   # a second writer of this rank is refused
     lock.acquire()
     try:
         done = _read_progress(out)
@@ -266,7 +266,7 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
         _score_blocks(out, manifest["files"], d.rank, mine, units, blocks, test, train, method, keep_test,
                       keep_train, curv, drop_nonfinite, test_block_rows, progress and d.rank == 0)
     except OSError as e:
-        raise _os_error(e, out, f"writing scores (rank {d.rank})") from e
+        raise storage_error(e, out, f"writing scores (rank {d.rank})") from e
     finally:
         lock.release()
     log.info("rank %d scored %d blocks in %.1fs", d.rank, len(mine), time.perf_counter() - t0)
@@ -346,7 +346,7 @@ def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, t
                            test_correct=np.asarray(test.meta.correct, bool)[keep_test], params=params,
                            sources=sources, overwrite=overwrite)
     except OSError as e:
-        raise _os_error(e, out, "allocating the score set") from e
+        raise storage_error(e, out, "allocating the score set") from e
     w.close()  # arrays allocated, manifest written with complete=False; ranks write the blocks
 
 

@@ -87,7 +87,7 @@ def _tokenize(tokenizer: Any, ds: TextDataset, rows: np.ndarray, max_length: int
 
 def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike, *,
             layers: str | Sequence[str] | None = "all", proj: str | Any = "16x16", task: str | Any = "seq-cls",
-            dtype: str = "fp16", batch_size: int = 32, max_length: int = 128, seed: int = 0,
+            dtype: str = "fp16", batch_size: int | None = None, max_length: int = 128, seed: int = 0,
             resume: bool = False, overwrite: bool = False, chunk_size: int | None = None,
             token_grads: bool = False, device: str | torch.device | None = None, progress: bool = True,
             rank: int | None = None, world: int | None = None, stats: ExtractStats | None = None,
@@ -102,6 +102,8 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         proj: "16x16" (Kronecker k_out x k_in), "exact", or a ProjectionSpec.
         task: "seq-cls", "causal-lm", or a fastinf.models Task (e.g. CustomLoss(fn)).
         dtype: storage dtype fp16 | bf16 | fp32 (accumulation is always fp32).
+        batch_size: samples per forward/backward; None = the largest safe batch from fastinf.plan (or,
+            when resuming, the batch of the interrupted run, so the result stays byte-identical).
         token_grads: also store token ids and per-position embedding output gradients (extras
             ``tokens`` [N, L] and ``embed_grads`` [N, L, d]) for tracin_we; needs the embedding unit.
         resume: continue an interrupted extraction in ``out`` (byte-identical result).
@@ -111,12 +113,13 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     """
     from fastinf.capture import features_for_batch
     from fastinf.models import make_task
+    from fastinf.plan import auto_batch_size
     from fastinf.projection import ProjectionSpec, UnitProjector, feature_dim
     from fastinf.units import discover, select
 
     if max_length <= 0:
         raise ConfigError(f"max_length must be positive, got {max_length}")
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     dtype = canonical_dtype(dtype)
     spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
@@ -141,6 +144,9 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     units = select(all_units, layers)
     if token_grads and not any(u.kind == "embedding" for u in units):
         raise ConfigError("token_grads=True needs the input embedding unit in the selection (add 'first')")
+    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
+        batch_size = _previous_batch_size(out) or auto_batch_size(
+            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=n)
     projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
     dims = {u.name: feature_dim(u, spec) for u in units}
     emb = next((u for u in units if u.kind == "embedding"), None)
@@ -152,6 +158,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
         "task": task_name,
         "max_length": int(max_length),
+        "batch_size": int(batch_size),
         "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(), "n": n},
     }
     rank_, world_, barrier = _dist_info(rank, world)
@@ -211,6 +218,15 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         log.warning("%d samples have NaN/inf gradients (ids %s%s); scoring refuses them unless told to drop them",
                     len(store.nonfinite), ids, " ..." if len(store.nonfinite) > 10 else "")
     return store
+
+
+def _previous_batch_size(out: str | os.PathLike) -> int | None:
+    """Batch size recorded by an earlier (possibly interrupted) extraction into ``out``, if any."""
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+        return int(manifest["identity"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _np(t: torch.Tensor | None, n: int, fill: Any) -> np.ndarray:

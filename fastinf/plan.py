@@ -507,3 +507,8 @@ def auto_block_size(feature_dims: Sequence[int], m: int, *, n: int, dtype: str =
     mem = parse_bytes(device_memory) if device_memory is not None else device_memory_bytes(device)
     budget = int(mem * fraction)
     return int(max(1, min(cap, n, _largest_block(list(feature_dims) or [1], m, dtype, budget, precond_bytes))))
+
+
+from fastinf._callable import callable_module  # noqa: E402
+
+callable_module(__name__, plan)  # fastinf.plan(...) works after `import fastinf.plan`

@@ -484,7 +484,7 @@ def _read_progress(path: Path) -> dict[int, dict]:
     return done
 
 
-class _Lock:
+class WriterLock:
     """An exclusive lock file (O_CREAT|O_EXCL) holding pid and host; stale locks of dead pids are taken over."""
 
     def __init__(self, path: Path) -> None:
@@ -586,7 +586,7 @@ class StoreWriter:
             "complete": False,
         }
         self.manifest = json.loads(json.dumps(self.manifest))  # normalise (tuples -> lists) as stored
-        self._lock = _Lock(self.path / "locks" / f"rank-{self.rank}.lock")
+        self._lock = WriterLock(self.path / "locks" / f"rank-{self.rank}.lock")
         self._prepare(resume=resume, overwrite=overwrite)
         ppath = self.path / "progress" / f"rank-{self.rank}.jsonl"
         ppath.parent.mkdir(exist_ok=True)
@@ -674,7 +674,7 @@ class StoreWriter:
                     os.close(fd)
             _atomic_write_json(self.path / MANIFEST, self.manifest)
         except OSError as e:
-            raise _os_error(e, self.path, "creating the store") from e
+            raise storage_error(e, self.path, "creating the store") from e
 
     # ------------------------------------------------------------------ writing
     @property
@@ -744,7 +744,7 @@ class StoreWriter:
             self._progress.flush()
             os.fsync(self._progress.fileno())
         except OSError as e:
-            raise _os_error(e, self.path, f"writing chunk {chunk} (rows {a}:{b})") from e
+            raise storage_error(e, self.path, f"writing chunk {chunk} (rows {a}:{b})") from e
 
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
@@ -803,7 +803,7 @@ def _remove_store(path: Path) -> None:
     (path / MANIFEST).unlink(missing_ok=True)
 
 
-def _os_error(e: OSError, path: Path, doing: str) -> StoreError:
+def storage_error(e: OSError, path: Path, doing: str) -> StoreError:
     if e.errno == errno.ENOSPC:
         return StoreError(f"disk full while {doing} in {path}; the store keeps its last complete chunk - free "
                           "space and rerun with --resume")

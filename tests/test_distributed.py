@@ -144,13 +144,13 @@ def test_failed_extraction_rank_leaves_a_resumable_store(tmp_path):
 
 
 def test_second_scoring_writer_is_refused(tmp_path):
-    from fastinf.store import _Lock
+    from fastinf.store import WriterLock
 
     test, train = _synthetic(tmp_path, n=40)
     out = tmp_path / "s"
     with pytest.raises(StoreError):
         score_distributed(test, train, "graddot", out=out, block_size=8, shard=(0, 2))
-    held = _Lock(out / "locks" / "rank-0.lock")
+    held = WriterLock(out / "locks" / "rank-0.lock")
     held.acquire()                                                # another live writer of rank 0
     try:
         with pytest.raises(StoreLockedError, match="another process"):

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                    "attn.v,mlp,lora_b, globs; unions with commas")
     p.add_argument("--proj", default="16x16", help="KOUTxKIN Kronecker projection (default 16x16) or 'exact'")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch (default: the largest safe batch from `fastinf plan`)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"])
     p.add_argument("--num-labels", type=int, default=None, help="classes of a fresh classification head")
