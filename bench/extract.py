@@ -20,7 +20,7 @@ Sections (``--sections``, default all), every ratio measured in the same run on 
   row-wise Spearman and top-10 overlap, for the sum over units and per unit.
 
 The packaged MiniLM gets a fresh 2-class head (seed 0) and a short full fine-tune on SMS
-(``--finetune-steps``, default 24 x 32 samples, instead of a full epoch to keep the script under 10
+(``--finetune-steps``, default 40 x 32 samples, instead of a full epoch to keep the script under 10
 minutes). Writes ``bench/results/extract.json`` and prints a short table.
 """
 from __future__ import annotations
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-dtype", default="float32", choices=("float64", "float32"),
                    help="dtype of the exact per-unit gradient products (summed over units in float64); "
                         "float64 is ~2-3x slower")
-    p.add_argument("--finetune-steps", type=int, default=24,
+    p.add_argument("--finetune-steps", type=int, default=40,
                    help="short full fine-tune before measuring (0: the fresh head; the issue allows either)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "extract.json"))
     args = p.parse_args(argv)

@@ -409,7 +409,7 @@ def demo_config(out: str = "demo_out") -> RunConfig:
         data=DataConfig(train="sms", test=None, n_train=400, n_test=80, split_seed=0, test_fraction=0.15),
         noise=NoiseConfig(rate=0.2),
         model=ModelConfig(name="minilm", max_length=32),
-        train=TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.1, group_by_length=True,
+        train=TrainConfig(epochs=1, batch_size=16, lr=5e-3, warmup_ratio=0.1, group_by_length=True,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
         extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=16, cost_repeats=1),
         score=ScoreConfig(methods=["graddot", "gradcos", "datainf"]),
