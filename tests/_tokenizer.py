@@ -23,7 +23,7 @@ def tiny_tokenizer(directory: str | Path):
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
 
 
 def random_texts(n: int, seed: int = 0, min_len: int = 2, max_len: int = 12) -> list[str]:
