@@ -38,7 +38,8 @@ HOWS = ["mean", "rank", "vote"]
 
 
 def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train: int | None = None,
-                n_test: int | None = None, epochs: int | None = None, max_length: int | None = None):
+                n_test: int | None = None, epochs: int | None = None, max_length: int | None = None,
+                lr: float = 2e-3):
     from fastinf.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
                                 NoiseConfig, RunConfig, ScoreConfig, TrainConfig)
 
@@ -58,7 +59,7 @@ def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train:
                         n_train=n_train, n_test=n_test, split_seed=0),
         noise=NoiseConfig(rate=0.2),
         model=ModelConfig(name="minilm", max_length=max_length),
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, warmup_ratio=0.1, group_by_length=True,
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, warmup_ratio=0.1, group_by_length=True,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
         extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=32, cost_repeats=2),
         score=ScoreConfig(methods=METHODS[:3] if quick else METHODS),
@@ -91,7 +92,7 @@ def claims(summary, methods) -> list[str]:
     verdict = "holds" if wins > total / 2 else ("does not hold" if wins < total / 2 else "is a tie")
     lines.append(f"**Claim 1 — middle layers beat the first (embedding) layer: {verdict} here** "
                  f"(middle > first in {wins} of {total} method/aggregation pairs, NDR@30).")
-    lines += [f"- {d}" for d in detail]
+    lines += [""] + [f"- {d}" for d in detail] + [""]
     # 2. rank / vote beat mean
     for alt in ("rank", "vote"):
         wins, total, detail = 0, 0, []
@@ -107,7 +108,7 @@ def claims(summary, methods) -> list[str]:
         verdict = "holds" if wins > total / 2 else ("does not hold" if wins < total / 2 else "is a tie")
         lines.append(f"**Claim 2{'a' if alt == 'rank' else 'b'} — {alt.capitalize()} beats Mean: {verdict} here** "
                      f"({alt} > mean in {wins} of {total} method/group pairs, NDR@30; examples below).")
-        lines += [f"- {d}" for d in detail]
+        lines += [""] + [f"- {d}" for d in detail] + [""]
     return lines
 
 
@@ -117,12 +118,12 @@ def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float
     results = res.results
     summary = results["summary"]
     methods = results["config"]["score"]["methods"]
-    md = [f"# Paper protocol on {task.upper()}" + (" (quick smoke run)" if quick else ""), ""]
+    md = [f"# Paper protocol on {TASKS[task][0]}" + (" (quick smoke run)" if quick else ""), ""]
     d, t = results["config"]["data"], results["config"]["train"]
     folder, full_train, n_dev, _ = TASKS[task]
     deviations = []
     if (d["n_train"] or 0) != (full_train or 0) and not (full_train is None and d["n_train"] is None):
-        deviations.append(f"{d['n_train']} training samples instead of {full_train or 'all'}")
+        deviations.append(f"{d['n_train']} training samples instead of {full_train or 'all 3,668'}")
     if d["n_test"] != n_dev // 2:
         deviations.append(f"{d['n_test']} influence-set samples instead of {n_dev // 2}")
     if len(results["setup"]["seeds"]) != 3:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=None, help="override the influence-set size")
     ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default 3)")
     ap.add_argument("--max-length", type=int, default=None, help="override the token limit")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in (["sst2", "mrpc"] if args.task == "both" else [args.task]):
         out = REPO / "runs" / f"paper_{task}{'_quick' if args.quick else ''}"
         cfg = make_config(task, quick=args.quick, seeds=seeds, out=out, n_train=args.n_train, n_test=args.n_test,
-                          epochs=args.epochs, max_length=args.max_length)
+                          epochs=args.epochs, max_length=args.max_length, lr=args.lr)
         t0 = time.perf_counter()
         res = run_experiment(cfg, echo=lambda m: print(f"[{task} {time.perf_counter() - t0:7.1f}s] {m}", flush=True))
         path = write_outputs(task, res, args.quick, time.perf_counter() - t0, os.getloadavg())

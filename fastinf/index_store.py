@@ -4,21 +4,30 @@ An index directory holds one FAISS file per unit group plus a ``manifest.json`` 
 the exact train store they were built from::
 
     <store>/index/<name>/
+        build.json         the resolved build request (store fingerprint, groups, weights, method,
+                           factory, preconditioner, seeds, versions), written before the first group
+        g0.faiss, g1.faiss one FAISS index per group (absent for the ``exact`` backend, which streams
+                           the store itself at query time), each written to a temp file and renamed
         manifest.json      format, versions, store {path, fingerprint, n, unit dims}, method,
                            preconditioner fingerprints, backend, factory, metric, nprobe, groups[...]
-        g0.faiss, g1.faiss one FAISS index per group (absent for the ``exact`` backend, which streams
-                           the store itself at query time)
+        locks/build.lock   held by the building process only (O_EXCL; a dead builder's lock is taken over)
 
 The manifest is written last and atomically, so a killed build leaves no manifest and is refused as
-incomplete instead of being read as if finished. Opening checks, in order: the manifest format, the
-store's fingerprint (a re-extracted or modified store makes the index stale), the row count and unit
-dims, and each index file's size. Every mismatch raises ``StoreMismatchError`` (stale or foreign index)
-or ``StoreError`` (missing or damaged files) naming what differs and how to rebuild.
+incomplete instead of being read as if finished. Such a build is *resumed* (``resume=True`` /
+``--resume``) by repeating the request: ``build.json`` must equal the new request field for field
+(``diff_build_records``), then the groups whose ``g<i>.faiss`` exists are kept (a renamed file is
+complete) and the others are built — the result is byte-identical to an uninterrupted build.
+
+Opening checks, in order: the manifest format, the store's fingerprint (a re-extracted or modified store
+makes the index stale), the row count and unit dims, and each index file's size. Every mismatch raises
+``StoreMismatchError`` (stale or foreign index) or ``StoreError`` (missing or damaged files) naming what
+differs and how to rebuild.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +38,14 @@ from fastinf.errors import StoreError, StoreMismatchError
 INDEX_FORMAT = "fastinf-index"
 INDEX_FORMAT_VERSION = 1
 INDEX_MANIFEST = "manifest.json"
+BUILD_RECORD = "build.json"
+BUILD_FORMAT = "fastinf-index-build"
+BUILD_FORMAT_VERSION = 1
+LOCKS_DIR = "locks"
 METRIC = "inner_product"
+# Everything a build writes into its directory (files and their temp names); nothing else is ever deleted.
+_INDEX_ENTRY = re.compile(r"(manifest|build)\.json(\.\d+\.tmp)?|g\d+\.faiss|\.g\d+\.faiss\.\d+\.tmp|locks")
+_TEMP_ENTRY = re.compile(r"(manifest|build)\.json\.\d+\.tmp|\.g\d+\.faiss\.\d+\.tmp")
 
 
 @dataclass(frozen=True)
@@ -101,17 +117,109 @@ def default_index_dir(store_path: str | os.PathLike, name: str) -> Path:
     return Path(store_path) / "index" / name
 
 
-def write_manifest(directory: Path, manifest: IndexManifest) -> None:
-    """Write ``manifest.json`` atomically (temp file + fsync + rename): it marks the index as complete."""
-    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = directory / INDEX_MANIFEST
+def is_index_entry(name: str) -> bool:
+    """Whether ``name`` (a directory entry) is something an index build writes (so it may be replaced)."""
+    return _INDEX_ENTRY.fullmatch(name) is not None
+
+
+def is_temp_entry(name: str) -> bool:
+    """Whether ``name`` is the temp file of an unfinished atomic write (left behind by a killed build)."""
+    return _TEMP_ENTRY.fullmatch(name) is not None
+
+
+def _atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    """Temp file + fsync + rename: readers see the old file or the whole new one, never a torn one."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, manifest: IndexManifest) -> None:
+    """Write ``manifest.json`` atomically (temp file + fsync + rename): it marks the index as complete."""
+    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _atomic_write_json(directory / INDEX_MANIFEST, manifest.to_dict())
+
+
+def write_build_record(directory: Path, record: Mapping[str, Any]) -> None:
+    """Write ``build.json`` (the resolved build request, see ``diff_build_records``) atomically."""
+    _atomic_write_json(directory / BUILD_RECORD, {"format": BUILD_FORMAT, "format_version": BUILD_FORMAT_VERSION,
+                                                  **record})
+
+
+def read_build_record(directory: Path) -> dict[str, Any] | None:
+    """The ``build.json`` of an index directory without its format fields; None if there is none.
+
+    Raises StoreError if it exists but is unreadable or of another format (then the directory cannot be
+    resumed, only rebuilt).
+    """
+    path = Path(directory) / BUILD_RECORD
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path} is unreadable ({e}); the interrupted build cannot be resumed, rebuild it "
+                         "with --overwrite") from e
+    if d.get("format") != BUILD_FORMAT or d.get("format_version") != BUILD_FORMAT_VERSION:
+        raise StoreError(f"{path}: expected a {BUILD_FORMAT} record of version {BUILD_FORMAT_VERSION}, found "
+                         f"format {d.get('format')!r} version {d.get('format_version')!r}; rebuild the index "
+                         "with --overwrite")
+    return {k: v for k, v in d.items() if k not in ("format", "format_version")}
+
+
+def diff_build_records(recorded: Mapping[str, Any], requested: Mapping[str, Any],
+                       skip: tuple[str, ...] = ()) -> str | None:
+    """The first field (in ``requested``'s order) on which two build records differ, described; else None.
+
+    Both records must be JSON-normalised (lists, not tuples). Fields in ``skip`` are not compared (used to
+    compare the cheap fields before fitting preconditioners for their fingerprints).
+    """
+    for key in [*requested, *(k for k in recorded if k not in requested)]:
+        if key in skip:
+            continue
+        old, new = recorded.get(key, "<absent>"), requested.get(key, "<absent>")
+        if old == new:
+            continue
+        if key == "groups" and isinstance(old, list) and isinstance(new, list):
+            return _diff_groups(old, new)
+        return f"{key}: the interrupted build used {_short(old)}, this request {_short(new)}"
+    return None
+
+
+def _diff_groups(old: list[Mapping[str, Any]], new: list[Mapping[str, Any]]) -> str:
+    if len(old) != len(new):
+        return (f"groups: the interrupted build had {len(old)} groups {[g.get('name') for g in old][:6]}, this "
+                f"request {len(new)} {[g.get('name') for g in new][:6]}")
+    for i, (a, b) in enumerate(zip(old, new)):
+        for field_ in ("name", "units", "weights", "dims"):
+            if a.get(field_) != b.get(field_):
+                return (f"groups[{i}].{field_}: the interrupted build used {_short(a.get(field_))}, this request "
+                        f"{_short(b.get(field_))}")
+    return "groups differ"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_manifest(directory: str | os.PathLike) -> IndexManifest:
@@ -119,8 +227,9 @@ def read_manifest(directory: str | os.PathLike) -> IndexManifest:
     directory = Path(directory)
     path = directory / INDEX_MANIFEST
     if not path.is_file():
-        hint = (" (it holds files but no manifest: a build was interrupted; rebuild with --overwrite)"
-                if directory.is_dir() and any(directory.iterdir()) else "")
+        hint = (" (it holds files but no manifest: a build was interrupted or is still running; resume it by "
+                "repeating the `fastinf index build` command with --resume (resume=True), or rebuild it with "
+                "--overwrite)" if directory.is_dir() and any(directory.iterdir()) else "")
         raise StoreError(f"{directory} is not a fastinf index: no {INDEX_MANIFEST}{hint}; build one with "
                          "`fastinf index build STORE ...`")
     try:

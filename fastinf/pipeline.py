@@ -17,9 +17,9 @@ Unit groups (DESIGN, Aggregation): the named selectors of ``aggregate.groups`` (
 all, ...), and with ``aggregate.per_block`` one group per block (``block[i]``) and one per single unit
 (its exact name) — the latter two feed the layer-wise curves of the report.
 
-Costs (the report's cost-versus-quality table): for each named group, a short extraction of the same
-model restricted to that group on ``extract.cost_samples`` training samples, timed (fastest of
-``extract.cost_repeats``); its share of the
+Costs (the report's cost-versus-quality table): for each named group, the capture of one batch of
+``extract.cost_samples`` training samples restricted to that group's units (forward, backward down to
+the group's lowest unit, projections) is timed, fastest of ``extract.cost_repeats``; its share of the
 all-units time is the group's extraction cost. Bytes per sample come from the stores' feature sizes;
 scoring time is measured per method and apportioned by feature dimension.
 """

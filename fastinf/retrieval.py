@@ -20,6 +20,10 @@ Backends (``fastinf.search_backends``): ``faiss`` (any ``index_factory`` string;
 and ``exact`` (blocked matmul + running top-k on CUDA or CPU; no index file). Index directories and their
 provenance checks live in ``fastinf.index_store``; result tables in ``fastinf.search_results``.
 
+Building is crash-safe and resumable: the resolved request goes to ``build.json`` before the first group,
+each group file appears by an atomic rename, the manifest is written last. ``resume=True`` (``fastinf
+index build ... --resume``) continues a killed build of the same request and yields the same bytes.
+
 Example::
 
     idx = fastinf.build_index("train_store", layers="middle", factory="IVF1024,Flat", method="if")
@@ -28,6 +32,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -43,11 +48,20 @@ import numpy as np
 from fastinf import search_backends as sb
 from fastinf.errors import ConfigError, StoreError, StoreMismatchError
 from fastinf.index_store import (
+    BUILD_RECORD,
+    INDEX_MANIFEST,
+    LOCKS_DIR,
     GroupSpec,
     IndexManifest,
     check_against_store,
     default_index_dir,
+    diff_build_records,
+    fsync_dir,
+    is_index_entry,
+    is_temp_entry,
+    read_build_record,
     read_manifest,
+    write_build_record,
     write_manifest,
 )
 from fastinf.query_aggregate import HOWS, aggregate_union, reported_scores
@@ -59,7 +73,6 @@ METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
 DIRECTIONS = ("proponents", "opponents", "both")
 _PRECONDITIONED = ("if", "datainf", "lissa")
 _PAIR_CHUNK = 1 << 22  # float64 elements per re-scoring chunk (32 MB)
-_INDEX_FILE = re.compile(r"manifest\.json(\.\d+\.tmp)?|g\d+\.faiss|\.g\d+\.faiss\.\d+\.tmp")
 
 __all__ = ["build_index", "open_index", "search", "Index", "GroupFeatures", "METHODS", "DIRECTIONS"]
 
@@ -108,7 +121,6 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 def _precond_fingerprint(pre: Any) -> str:
     """Hash of what a preconditioner does: its class/parameters and its action on a fixed probe."""
     import hashlib
-    import json
 
     probe = np.random.default_rng(1234).standard_normal((4, pre.k))
     out = np.asarray(pre.apply(probe), dtype=np.float64)
@@ -177,7 +189,7 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
                 weights: Mapping[str, float] | None = None, method: str = "graddot", factory: str = "Flat",
                 backend: str = "auto", name: str | None = None, out: str | os.PathLike | None = None,
                 nprobe: int | None = None, train_size: int | None = None, seed: int = 0,
-                block_size: int = 65536, overwrite: bool = False,
+                block_size: int = 65536, overwrite: bool = False, resume: bool = False,
                 precond_kwargs: Mapping[str, Any] | None = None) -> "Index":
     """Build an inner-product index over the train ``store``, streaming it in blocks.
 
@@ -198,6 +210,10 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         train_size, seed: rows sampled (deterministically) to train IVF/PQ; default ~50 per list.
         block_size: rows per streamed block.
         overwrite: replace an existing index directory.
+        resume: continue an interrupted build in the directory (or start one if it is empty): the request
+            must equal the one recorded in its ``build.json`` (else StoreMismatchError naming the field);
+            finished group files are kept, the rest are built; the result is byte-identical to an
+            uninterrupted build. A finished index of the same request is returned as it is.
         precond_kwargs: passed to ``fit_preconditioner`` (``damping``, ``rank``, ...).
     Returns:
         The opened :class:`Index`.
@@ -215,6 +231,12 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         raise ConfigError(f"block_size must be positive, got {block_size}")
     if train_size is not None and train_size <= 0:
         raise ConfigError(f"train_size must be positive, got {train_size}")
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other: resume continues an interrupted build in "
+                          "place, overwrite discards it and starts over; pass one of them")
+    precond_kwargs = dict(precond_kwargs or {})
+    if precond_kwargs and method not in _PRECONDITIONED:
+        raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa, not {method}")
     if backend == "auto":
         try:
             sb.faiss_module()
@@ -224,51 +246,139 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
     group_specs = _resolve_groups(store, layers, groups, weights)
     name = name or _slug(f"{method}-{factory if backend == 'faiss' else 'exact'}-{_spec_name(layers or 'all')}")
     directory = Path(out) if out is not None else default_index_dir(store.path, name)
-    _prepare_dir(directory, overwrite)
 
-    precond_kwargs = dict(precond_kwargs or {})
-    fingerprints = {}
-    if method in _PRECONDITIONED:
-        from fastinf.curvature import fit_preconditioner
+    lock = _prepare_dir(directory, overwrite=overwrite, resume=resume)
+    try:
+        request = _build_request(store, group_specs, method=method, backend=backend, factory=factory,
+                                 nprobe=nprobe, train_size=train_size, seed=seed, block_size=block_size,
+                                 precond_kwargs=precond_kwargs)
+        recorded = read_build_record(directory) if resume else None
+        if resume:  # refuse a different request before spending time on preconditioners
+            _check_resumable(directory, recorded, request, skip=("precond_fingerprints",))
+        fingerprints = _precond_fingerprints(store, group_specs, method, precond_kwargs)
+        request["precond_fingerprints"] = fingerprints
+        if recorded is None:
+            write_build_record(directory, request)
+        else:
+            _check_resumable(directory, recorded, request)
+            if (directory / INDEX_MANIFEST).is_file():
+                log.info("index %s is already complete for this request; nothing to resume", directory)
+                return open_index(directory, store)
+            for p in directory.iterdir():  # half-written files of the killed build (we hold the lock)
+                if is_temp_entry(p.name):
+                    p.unlink(missing_ok=True)
+        built, n_lists, used_train = _build_groups(store, directory, group_specs, backend=backend, factory=factory,
+                                                   train_size=train_size, seed=seed, block_size=block_size,
+                                                   normalize=method == "gradcos")
+        from fastinf import __version__
 
-        for unit in dict.fromkeys(u for g in group_specs for u in g.units):
-            fingerprints[unit] = _precond_fingerprint(fit_preconditioner(store, unit, method, **precond_kwargs))
-    elif precond_kwargs:
-        raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa, not {method}")
+        manifest = IndexManifest(
+            store_path=str(Path(store.path).resolve()), store_fingerprint=store.fingerprint, n=store.n,
+            unit_dims={u: store.feature_dim(u) for g in group_specs for u in g.units}, method=method,
+            normalize=method == "gradcos", backend=backend, factory=factory if backend == "faiss" else None,
+            nprobe=(nprobe or sb.default_nprobe(n_lists)) if backend == "faiss" else None, groups=built,
+            precond={"kwargs": {k: str(v) for k, v in precond_kwargs.items()}, "fingerprints": fingerprints},
+            build={"train_size": used_train, "seed": seed, "block_size": block_size, "nlist": n_lists,
+                   "seconds": round(time.perf_counter() - t0, 3)},
+            fastinf_version=__version__, faiss_version=_faiss_version() if backend == "faiss" else None)
+        write_manifest(directory, manifest)
+    finally:
+        _release(lock, directory)
+    return Index(directory, manifest, store, _precond_kwargs=precond_kwargs)
 
-    normalize = method == "gradcos"
+
+def _precond_fingerprints(store: Any, group_specs: Sequence[GroupSpec], method: str,
+                          precond_kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """Fingerprint of each unit's fitted preconditioner (fitted now, or read from ``<store>/precond``)."""
+    if method not in _PRECONDITIONED:
+        return {}
+    from fastinf.curvature import fit_preconditioner
+
+    return {unit: _precond_fingerprint(fit_preconditioner(store, unit, method, **precond_kwargs))
+            for unit in dict.fromkeys(u for g in group_specs for u in g.units)}
+
+
+def _build_request(store: Any, group_specs: Sequence[GroupSpec], *, method: str, backend: str, factory: str,
+                   nprobe: int | None, train_size: int | None, seed: int, block_size: int,
+                   precond_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved build request as recorded in ``build.json`` (JSON-normalised, so it compares equal to
+    what is read back). Every field decides the bytes of the index files or the manifest, so a resumed
+    build must repeat all of them. The store is identified by fingerprint, not path: a moved store resumes."""
+    from fastinf import __version__
+
+    request = {
+        "store_fingerprint": store.fingerprint, "n": store.n,
+        "groups": [{"name": g.name, "units": list(g.units), "weights": list(g.weights), "dims": list(g.dims)}
+                   for g in group_specs],
+        "method": method, "backend": backend, "factory": factory if backend == "faiss" else None,
+        "nprobe": nprobe, "train_size": train_size, "seed": seed, "block_size": block_size,
+        "precond_kwargs": {k: str(v) for k, v in precond_kwargs.items()},
+        "fastinf_version": __version__, "faiss_version": _faiss_version() if backend == "faiss" else None,
+    }
+    return json.loads(json.dumps(request))
+
+
+def _check_resumable(directory: Path, recorded: Mapping[str, Any] | None, request: Mapping[str, Any],
+                     skip: tuple[str, ...] = ()) -> None:
+    """Refuse to resume unless ``directory`` is empty or holds a build of exactly ``request``."""
+    if recorded is None:
+        leftovers = [p.name for p in directory.iterdir() if p.name != LOCKS_DIR and not is_temp_entry(p.name)]
+        if leftovers:
+            raise StoreError(f"cannot resume the index build in {directory}: it holds {sorted(leftovers)[:4]} but no "
+                             f"{BUILD_RECORD} (written by a fastinf without resumable builds, or damaged), so "
+                             "what was requested is unknown; rebuild it with --overwrite (overwrite=True)")
+        return
+    diff = diff_build_records(recorded, request, skip=skip)
+    if diff is not None:
+        raise StoreMismatchError(
+            f"cannot resume the index build in {directory}: this request differs from the interrupted build "
+            f"recorded in {BUILD_RECORD} ({diff}). Repeat the original command with --resume, or rebuild with "
+            "--overwrite (overwrite=True)")
+
+
+def _build_groups(store: Any, directory: Path, group_specs: Sequence[GroupSpec], *, backend: str, factory: str,
+                  train_size: int | None, seed: int, block_size: int,
+                  normalize: bool) -> tuple[list[GroupSpec], int | None, int | None]:
+    """Build and write each group's FAISS file; keep files an interrupted build already finished.
+
+    A ``g<i>.faiss`` only appears by an atomic rename of a complete, fsynced file, and ``build.json`` ties
+    the directory's files to one request, so an existing file is the finished group of this very request.
+    Returns (groups with their files, IVF list count, training rows used) for the manifest.
+    """
     built, n_lists, used_train = [], None, None
     for gi, g in enumerate(group_specs):
         if backend == "exact":
             built.append(g)
             continue
-        feats = GroupFeatures(store, g, normalize)
         index = sb.make_index(g.dim, factory)
         n_lists = sb.nlist(index)
         size = min(store.n, train_size or _default_train_size(store.n, n_lists))
         used_train = None if index.is_trained else size
-        sample = lambda f=feats, s=size: f.gather(_sample_rows(store.n, s, seed)).astype(np.float32)  # noqa: E731
-        index = sb.populate(index, sample, feats.blocks(block_size), factory)
         file = f"g{gi}.faiss"
-        tmp = directory / f".{file}.{os.getpid()}.tmp"
-        sb.write(index, str(tmp))
-        os.replace(tmp, directory / file)
-        built.append(GroupSpec(g.name, g.units, g.weights, g.dims, file=file, nbytes=(directory / file).stat().st_size))
-        log.info("index group %s: %d rows x %d dims (%s)", g.name, index.ntotal, g.dim, factory)
+        path = directory / file
+        if path.is_file():
+            log.info("index group %s: kept %s from the interrupted build", g.name, file)
+        else:
+            feats = GroupFeatures(store, g, normalize)
+            sample = lambda f=feats, s=size: f.gather(_sample_rows(store.n, s, seed)).astype(np.float32)  # noqa: E731
+            index = sb.populate(index, sample, feats.blocks(block_size), factory)
+            _write_index(index, path)
+            log.info("index group %s: %d rows x %d dims (%s)", g.name, index.ntotal, g.dim, factory)
+        built.append(GroupSpec(g.name, g.units, g.weights, g.dims, file=file, nbytes=path.stat().st_size))
+    return built, n_lists, used_train
 
-    from fastinf import __version__
 
-    manifest = IndexManifest(
-        store_path=str(Path(store.path).resolve()), store_fingerprint=store.fingerprint, n=store.n,
-        unit_dims={u: store.feature_dim(u) for g in group_specs for u in g.units}, method=method,
-        normalize=normalize, backend=backend, factory=factory if backend == "faiss" else None,
-        nprobe=(nprobe or sb.default_nprobe(n_lists)) if backend == "faiss" else None, groups=built,
-        precond={"kwargs": {k: str(v) for k, v in precond_kwargs.items()}, "fingerprints": fingerprints},
-        build={"train_size": used_train, "seed": seed, "block_size": block_size, "nlist": n_lists,
-               "seconds": round(time.perf_counter() - t0, 3)},
-        fastinf_version=__version__, faiss_version=_faiss_version() if backend == "faiss" else None)
-    write_manifest(directory, manifest)
-    return Index(directory, manifest, store, _precond_kwargs=precond_kwargs)
+def _write_index(index: Any, path: Path) -> None:
+    """Write a FAISS index so that ``path`` appears only complete: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sb.write(index, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _refuse_nonfinite(store: Any, side: str) -> None:
@@ -297,19 +407,53 @@ def _faiss_version() -> str | None:
         return None
 
 
-def _prepare_dir(directory: Path, overwrite: bool) -> None:
-    """Create ``directory``; an existing index there is replaced only with ``overwrite`` (never other files)."""
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"index directory {directory} already exists; pass overwrite=True (CLI --overwrite) "
-                              "to rebuild it, or choose another --name/--out")
-        foreign = [p.name for p in directory.iterdir() if not _INDEX_FILE.fullmatch(p.name)]
-        if foreign:
-            raise ConfigError(f"{directory} holds files that are not part of a fastinf index ({foreign[:3]}); "
-                              "refusing to overwrite it: choose an empty or new --out directory")
-        (directory / "manifest.json").unlink(missing_ok=True)  # incomplete until the new manifest lands
-        shutil.rmtree(directory)
+def _prepare_dir(directory: Path, *, overwrite: bool, resume: bool) -> Any:
+    """Create or reuse ``directory`` and take its build lock (returned; release with ``_release``).
+
+    An existing index is replaced only with ``overwrite`` and continued only with ``resume``; a directory
+    holding anything a build does not write is never touched. ``overwrite`` removes the manifest and the
+    build record first (so an interruption leaves an incomplete, non-resumable directory), then the rest.
+    (A resume removes the temp files of the killed build only once its request is accepted.)
+    """
+    from fastinf.store import WriterLock
+
+    entries = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+    if any(e != LOCKS_DIR for e in entries) and not (overwrite or resume):
+        raise ConfigError(f"index directory {directory} already exists; pass resume=True (CLI --resume) to continue "
+                          "an interrupted build of the same request, overwrite=True (CLI --overwrite) to rebuild "
+                          "it, or choose another --name/--out")
+    foreign = [e for e in entries if not is_index_entry(e)]
+    if foreign:
+        raise ConfigError(f"{directory} holds files that are not part of a fastinf index ({foreign[:3]}); refusing "
+                          f"to {'resume in' if resume else 'overwrite'} it: choose an empty or new --out directory")
     directory.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(directory / LOCKS_DIR / "build.lock")  # a concurrent build of this directory is refused
+    lock.acquire()
+    try:
+        if overwrite:
+            for first in (INDEX_MANIFEST, BUILD_RECORD):  # incomplete and not resumable from here on
+                (directory / first).unlink(missing_ok=True)
+            fsync_dir(directory)
+            for p in directory.iterdir():
+                if p.name == LOCKS_DIR:
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+    except BaseException:
+        _release(lock, directory)
+        raise
+    return lock
+
+
+def _release(lock: Any, directory: Path) -> None:
+    """Release the build lock and drop the then-empty ``locks/`` directory."""
+    lock.release()
+    try:
+        (directory / LOCKS_DIR).rmdir()
+    except OSError:
+        pass
 
 
 def open_index(directory: str | os.PathLike, store: Any = None) -> "Index":

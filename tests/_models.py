@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import torch
 import transformers as tf
 
@@ -156,3 +157,15 @@ def sub_batch(batch: dict[str, torch.Tensor], rows: Sequence[int], T: int | None
                 pad = torch.full((v.shape[0], T - cur), PAD_ID if k != "attention_mask" else 0, dtype=v.dtype)
                 out[k] = torch.cat([v, pad], dim=1)
     return out
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Run a test module's tiny-model math on one thread (restored afterwards): for 16-wide layers a
+    thread pool only adds synchronisation, which on a busy 2-core box costs several times the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

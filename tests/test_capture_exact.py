@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _models import CASES, make_batch, make_model
+from _models import CASES, make_batch, make_model, one_thread  # noqa: F401
 from _reference import per_sample_exact
 from fastinf.capture import features_for_batch
 from fastinf.errors import ConfigError, DataError
@@ -15,6 +15,8 @@ from fastinf.projection import ProjectionSpec, make_projectors, projection_matri
 from fastinf.units import discover, select
 
 LENGTHS = [7, 3, 5, 1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _models import make_batch, make_model, sub_batch
+from _models import make_batch, make_model, sub_batch, one_thread  # noqa: F401
 from fastinf.capture import features_for_batch
 from fastinf.projection import ProjectionSpec, make_projectors
 from fastinf.units import discover
@@ -13,6 +13,8 @@ from fastinf.units import discover
 # one encoder, one decoder (seq-cls and causal LM), one LoRA model
 FAMILIES = [("bert", "seq-cls"), ("gpt2", "seq-cls"), ("llama", "causal-lm"), ("bert-lora", "seq-cls")]
 LENGTHS = [6, 2, 9, 4, 9, 1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model, units, proj, batch, task):

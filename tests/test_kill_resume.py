@@ -1,5 +1,5 @@
 """SIGKILL at a random point of extraction, scoring and index building, then resume -> the same bytes as
-an uninterrupted run. Each test really kills a subprocess running the real command."""
+an uninterrupted run. Each kill test really kills a subprocess running the real command."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import pytest
 
 from fastinf.cli import main as fastinf_main
 from fastinf.dist_score import score_distributed
-from fastinf.errors import StoreError
+from fastinf.errors import StoreError, StoreMismatchError
 from fastinf.store import GradientStore
 from tests.scripts.assets import make_assets, store_files
 
@@ -121,10 +121,38 @@ def test_scoring_killed_then_resumed_is_byte_identical(tmp_path, one_thread, met
     assert a.keys() == b.keys() and [f for f in a if a[f] != b[f]] == []
 
 
-def test_index_build_killed_then_rebuilt_is_byte_identical(tmp_path):
-    """Index building writes each group's FAISS file atomically and the manifest last, so a killed build
-    is refused as incomplete (never read as finished) and a rebuild gives the same files. (Index building
-    restarts rather than resumes; see the report.)"""
+@pytest.fixture
+def faiss_one_thread():
+    """The killed build runs with OMP_NUM_THREADS=1; the in-process resume and reference use one FAISS
+    thread too, so every group file is produced under the same threading as the others."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _index_dir_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an index directory except the build lock (a killed builder's lock is stale and taken
+    over by the next build of the directory)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.parent.name != "locks"}
+
+
+def _without_clock(manifest: bytes) -> dict:
+    """The manifest minus its two wall-clock fields (creation time, build seconds): everything else must
+    be equal, and the serialisation is canonical (sorted keys), so equal dicts mean equal bytes."""
+    m = json.loads(manifest)
+    m.pop("created"), m["build"].pop("seconds")
+    return m
+
+
+def test_index_build_killed_then_resumed_is_byte_identical(tmp_path, faiss_one_thread):
+    """SIGKILL `fastinf index build` after k of 6 IVF group files exist; a resume with other parameters is
+    refused and changes nothing; the resume with --resume keeps the finished files (not rewritten) and the
+    directory then equals an uninterrupted build's byte for byte (IVF training on a seeded sample with
+    FAISS's fixed k-means seed is deterministic at a fixed thread count)."""
     from fastinf.retrieval import build_index, open_index
 
     rng = np.random.default_rng(5)
@@ -132,20 +160,34 @@ def test_index_build_killed_then_rebuilt_is_byte_identical(tmp_path):
     store = GradientStore.from_arrays(tmp_path / "train", {u: rng.standard_normal((500, 8)).astype(np.float32)
                                                            for u in names}, chunk_size=128)
     out = tmp_path / "killed"
+    build = [str(store.path), "--out", str(out), "--factory", "IVF4,Flat", "--seed", "3"]
     k = random.Random(2).randint(1, 4)                         # after k of 6 group files
-    cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "slow_index_build.py"), "0.4", "--", str(store.path),
-           "--out", str(out), "--factory", "IVF4,Flat", "--seed", "3"]
+    cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "slow_index_build.py"), "0.4", "--", *build]
     _kill_when(cmd, lambda: len(list(out.glob("g*.faiss"))) >= k)
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(StoreError, match="interrupted"):
+    assert not (out / "manifest.json").exists() and (out / "build.json").is_file()
+    with pytest.raises(StoreError, match="interrupted.*--resume"):
         open_index(out, store)
-    rebuilt = build_index(store, out=out, factory="IVF4,Flat", seed=3, overwrite=True)
+    def identity(name: str) -> tuple[int, int]:
+        st = (out / name).stat()
+        return st.st_ino, st.st_mtime_ns
+
+    kept = {p.name: identity(p.name) for p in out.glob("g*.faiss")}
+    assert 1 <= len(kept) < 6, f"killed with {sorted(kept)} written; the test needs a partial build"
+
+    assert fastinf_main(["index", "build", *build]) == 2          # no silent restart over a partial build
+    partial = _index_dir_files(out)
+    for other, field in (({"seed": 4}, "seed"), ({"factory": "IVF8,Flat"}, "factory"),
+                         ({"layers": "u0,u1"}, "groups")):      # not the killed request: refused, no change
+        with pytest.raises(StoreMismatchError, match=rf"\({field}\b.*: the interrupted build"):
+            build_index(store, out=out, resume=True, **{"factory": "IVF4,Flat", "seed": 3, **other})
+        assert _index_dir_files(out) == partial, f"a refused resume ({other}) changed the partial build"
+    assert fastinf_main(["index", "build", *build, "--resume"]) == 0
+    assert {n: identity(n) for n in kept} == kept, "resume rebuilt group files the killed run had finished"
+
     ref = build_index(store, out=tmp_path / "ref", factory="IVF4,Flat", seed=3)
-    files = sorted(p.name for p in ref.directory.glob("g*.faiss"))
-    assert files == sorted(p.name for p in rebuilt.directory.glob("g*.faiss")) and len(files) == 6
-    for f in files:
-        assert (ref.directory / f).read_bytes() == (rebuilt.directory / f).read_bytes(), f
-    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (ref.directory, rebuilt.directory))
-    for m in (ma, mb):
-        m.pop("created"), m["build"].pop("seconds")
-    assert ma == mb
+    a, b = _index_dir_files(ref.directory), _index_dir_files(out)
+    assert sorted(a) == sorted(b) == sorted(["build.json", "manifest.json", *[f"g{i}.faiss" for i in range(6)]])
+    assert not (out / "locks").exists()
+    assert [f for f in a if f != "manifest.json" and a[f] != b[f]] == []
+    assert _without_clock(a["manifest.json"]) == _without_clock(b["manifest.json"])
+    open_index(out, store)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from _models import one_thread  # noqa: F401 - module fixture, used via pytestmark
 from fastinf.errors import ConfigError
 from fastinf.projection import (ProjectionSpec, UnitProjector, _embed_project, _kron_project, feature_dim,
                                 projection_matrices)
@@ -15,6 +16,8 @@ from fastinf.units import Unit
 # awkward shapes: primes, k > d, a single token, a single sample
 SHAPES = [(1, 1, 5, 3), (3, 7, 13, 11), (2, 5, 33, 17), (4, 1, 8, 40)]  # (B, T, d_in, d_out)
 DIMS = [(16, 16), (4, 8), (7, 3), (64, 32)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lin(d_out: int, d_in: int, bias: bool, name: str = "blk.0.fc") -> Unit:
@@ -165,11 +168,10 @@ def test_inner_products_preserved_in_expectation():
     A = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     Bm = A + 0.7 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     true = float((A * Bm).sum())
-    est = []
-    for i in range(200):
-        P_out, P_in = (p.double() for p in projection_matrices(_lin(d_out, d_in, False, f"u{i}"), ProjectionSpec.parse("6x5")))
-        est.append(float(((P_out @ A @ P_in.T) * (P_out @ Bm @ P_in.T)).sum()))
-    est = torch.tensor(est, dtype=torch.float64)
+    mats = [projection_matrices(_lin(d_out, d_in, False, f"u{i}"), ProjectionSpec.parse("6x5")) for i in range(300)]
+    P_out = torch.stack([m[0] for m in mats]).double()                        # (300, 6, d_out)
+    P_in = torch.stack([m[1] for m in mats]).double()                         # (300, 5, d_in)
+    est = ((P_out @ A @ P_in.transpose(1, 2)) * (P_out @ Bm @ P_in.transpose(1, 2))).sum(dim=(1, 2))
     mean, se = float(est.mean()), float(est.std() / len(est) ** 0.5)
     assert abs(mean - true) < 4 * se, (f"projected inner product averages {mean:.2f} ± {se:.2f}, true {true:.2f}; "
                                        f"ratio {mean / true:.3f} (a factor k/d means a missing sqrt(d/k) scale)")

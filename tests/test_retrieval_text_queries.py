@@ -48,7 +48,8 @@ def test_text_file_queries_equal_extracted_store(saved):
 def test_unloadable_model_is_a_clear_error(saved, tmp_path):
     _, model, tok, _ = saved
     ds = TextDataset(random_texts(10, seed=2), labels=np.zeros(10, dtype=np.int64))
-    store = extract(model, tok, ds, tmp_path / "anon", layers="last", proj="4x4", progress=False)  # unsaved model
+    store = extract(model, tok, ds, tmp_path / "anon", layers="last", proj="4x4", progress=False,
+                    batch_size=8)  # unsaved model: the store records no loadable model name
     path = tmp_path / "q.tsv"
     path.write_text("text\tlabel\nw1 w2\t0\n")
     with pytest.raises(ConfigError, match=r"(?s)could not be loaded.*pass the query store"):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _models import CASES, make_model
+from _models import CASES, make_model, one_thread  # noqa: F401
 from fastinf.errors import ConfigError, SelectorError
 from fastinf.units import Unit, discover, get_module, n_blocks, select
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

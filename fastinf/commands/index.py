@@ -18,20 +18,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="'unit' (one index per unit), 'joint' (one over all selected units), or selectors "
                         "separated by ';', one group each (e.g. 'attn.v;mlp.down')")
     b.add_argument("--weights", default=None, help="unit weights inside groups: 'UNIT=W,UNIT=W' (default 1)")
-    b.add_argument("--factory", default="Flat", help="FAISS index_factory string: Flat, IVF4096,Flat, IVF4096,PQ32, ...")
+    b.add_argument("--factory", default="Flat",
+                   help="FAISS index_factory string: Flat, IVF4096,Flat, IVF4096,PQ32, ...")
     b.add_argument("--method", default="graddot", choices=["graddot", "gradcos", "if", "datainf", "lissa"],
                    help="estimator the inner product reproduces (if/datainf precondition the queries)")
     b.add_argument("--damping", default=None, help="preconditioner damping for if/datainf/lissa, e.g. 1e-3 or rel:0.1")
     b.add_argument("--rank", type=int, default=None, help="low-rank IF preconditioner (Woodbury) of this rank")
     b.add_argument("--backend", default="auto", choices=["auto", "faiss", "exact"],
                    help="faiss (CPU/GPU FAISS), exact (blocked matmul at query time, CUDA when present)")
-    b.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed at search (default nlist/64, >= 8)")
+    b.add_argument("--nprobe", type=int, default=None,
+                   help="default IVF lists probed at search (default nlist/64, >= 8)")
     b.add_argument("--train-size", type=int, default=None, help="rows sampled to train IVF/PQ (default ~50 per list)")
     b.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     b.add_argument("--block-size", type=int, default=65536, help="rows per streamed block")
     b.add_argument("--name", default=None, help="index name: <store>/index/<name> (default from method/factory/layers)")
     b.add_argument("--out", default=None, help="index directory (overrides --name)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted build: repeat the original arguments; finished groups are kept "
+                           "and the result equals an uninterrupted build (a different request is refused)")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
     b.set_defaults(func=run_build)
     i = ss.add_parser("info", help="print an index's manifest and check it against its store")
@@ -69,7 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
                       weights=parse_weights(args.weights), method=args.method, factory=args.factory,
                       backend=args.backend, name=args.name, out=args.out, nprobe=args.nprobe,
                       train_size=args.train_size, seed=args.seed, block_size=args.block_size,
-                      overwrite=args.overwrite, precond_kwargs=precond or None)
+                      overwrite=args.overwrite, resume=args.resume, precond_kwargs=precond or None)
     _print(idx, args.json)
     return 0
 

@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune an HF sequence classifier with AdamW + warmup/cosine; save one "
                                    "checkpoint per epoch with its learning rate; select the checkpoint with "
                                    "the lowest loss on the held-out set.")
-    p.add_argument("--config", default=None, help="a run config (YAML); its data/noise/model/train sections")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a run config (YAML); its data/noise/model/train sections (flags override them)")
+    p.add_argument("--config", dest="config_opt", default=None, help="the same, as an option")
     p.add_argument("--model", default=None, help="local dir, cached hub id, or 'minilm' (packaged MiniLM-L6)")
     p.add_argument("--data", default=None, help="training data spec: 'sms', a file, a directory, a hub name")
     p.add_argument("--test", default=None, help="held-out data spec (default: a split of --data)")
@@ -42,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _config_from_args(args: argparse.Namespace):
     from fastinf.config import LoraSettings, RunConfig, from_dict, to_dict
 
-    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    path = args.config or args.config_opt
+    cfg = RunConfig.from_yaml(path) if path else RunConfig()
     d = to_dict(cfg)
     sets = {("model", "name"): args.model, ("data", "train"): args.data, ("data", "test"): args.test,
             ("data", "n_train"): args.n_train, ("data", "n_test"): args.n_test, ("noise", "rate"): args.noise,

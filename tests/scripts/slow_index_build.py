@@ -1,6 +1,7 @@
 """``fastinf index build`` with slow storage: every FAISS file write is followed by a pause, so that a
 test can SIGKILL the build between groups deterministically (a build of a tiny store otherwise ends in
-milliseconds). Everything else is the real command.
+milliseconds). The pause falls between writing a group's temp file and renaming it into place, so a kill
+there also leaves the half-finished temp file a real crash would. Everything else is the real command.
 
 Usage: python slow_index_build.py SECONDS_PER_WRITE -- <fastinf index build arguments>
 """
