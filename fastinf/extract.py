@@ -113,7 +113,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     """
     from fastinf.capture import features_for_batch
     from fastinf.models import make_task
-    from fastinf.plan import auto_batch_size
+    from fastinf.plan import auto_batch_size, model_max_positions
     from fastinf.projection import ProjectionSpec, UnitProjector, feature_dim
     from fastinf.units import discover, select
 
@@ -144,6 +144,10 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     units = select(all_units, layers)
     if token_grads and not any(u.kind == "embedding" for u in units):
         raise ConfigError("token_grads=True needs the input embedding unit in the selection (add 'first')")
+    positions = model_max_positions(model)
+    if positions is not None and max_length > positions:
+        log.info("max_length %d exceeds the model's %d positions; using %d", max_length, positions, positions)
+        max_length = positions
     if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
         batch_size = _previous_batch_size(out) or auto_batch_size(
             model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=n)

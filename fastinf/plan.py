@@ -316,6 +316,14 @@ def _capture_bytes(unit: Any, spec: Any, T: int) -> int:
     return x + g + out
 
 
+def model_max_positions(model: Any) -> int | None:
+    """The longest sequence the model accepts (``max_position_embeddings`` / ``n_positions``), if known."""
+    cfg = getattr(model, "config", None)
+    vals = [getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions")]
+    vals = [int(v) for v in vals if isinstance(v, int) and v > 0]
+    return min(vals) if vals else None
+
+
 def probe_activation_bytes(model: Any, units: Sequence[Any], spec: Any, max_length: int,
                            task: Any = "seq-cls", sizes: tuple[int, int] = (2, 4)) -> int:
     """Bytes autograd saves per sample when capturing ``units`` at ``max_length`` tokens (measured).
@@ -330,6 +338,7 @@ def probe_activation_bytes(model: Any, units: Sequence[Any], spec: Any, max_leng
     from fastinf.projection import UnitProjector
 
     task = make_task(task)
+    max_length = min(max_length, model_max_positions(model) or max_length)
     device = next(model.parameters()).device
     fixed = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}

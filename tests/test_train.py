@@ -168,3 +168,21 @@ def test_epoch_batches_cover_every_sample_once_and_are_seeded(lengths):
         pad = lambda bs: sum(len(x) * lengths[x.numpy()].max() - lengths[x.numpy()].sum() for x in bs)
         rand = epoch_batches(203, 16, torch.Generator().manual_seed(1), None)
         assert pad(a) < 0.5 * pad(rand)
+
+
+def test_train_cli_writes_checkpoints_noise_and_replayable_config(tiny_dir, tmp_path, capsys):
+    from fastinf.cli import main
+    from fastinf.config import RunConfig
+
+    ds = make_sentiment(48)
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(ds.texts, ds.labels)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_dir, "--data", str(data), "--noise", "0.25", "--epochs", "1",
+                 "--full", "--lr", "1e-2", "--max-length", "16", "--out", str(out)]) == 0
+    assert "scored checkpoint" in capsys.readouterr().out
+    for name in ("ckpt-0", "ckpt-1", "lr_log.json", "train.json", "noise.npz", "config.yaml"):
+        assert (out / name).exists(), name
+    cfg = RunConfig.from_yaml(out / "config.yaml")
+    assert (cfg.noise.rate, cfg.train.lora, cfg.train.epochs) == (0.25, None, 1)
+    assert np.load(out / "noise.npz")["mask"].sum() == round(0.25 * 41)   # 48 minus a 15% held-out split
