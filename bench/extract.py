@@ -222,11 +222,14 @@ def throughput(model, tok, texts, labels, args) -> list[dict]:
                 fn(batch)
                 times[name].append(time.perf_counter() - t0)
         med = {m: statistics.median(v) for m, v in times.items()}
+        best = {m: min(v) for m, v in times.items()}   # least-disturbed run: the intrinsic cost under load
         row = {"T": T, "batch": args.batch_size, "units": len(units), "feature_dim": 256 * len(units),
                "seconds_per_batch": {m: round(v, 4) for m, v in med.items()},
+               "seconds_per_batch_best": {m: round(v, 4) for m, v in best.items()},
                "reps": {m: len(v) for m, v in times.items()},
                "samples_per_s": {m: round(args.batch_size / v, 2) for m, v in med.items()},
                "ratio_a_train_step_over_fastinf": round(med["train_step"] / med["fastinf"], 3),
+               "ratio_a_best_of_reps": round(best["train_step"] / best["fastinf"], 3),
                "ratio_a_train_mode_over_fastinf": round(med["train_step_dropout"] / med["fastinf"], 3),
                "ratio_b_vmap_over_fastinf": round(med["vmap_dense"] / med["fastinf"], 3),
                "ratio_b_vmap_kron_over_fastinf": round(med["vmap_kron"] / med["fastinf"], 3),
@@ -235,7 +238,7 @@ def throughput(model, tok, texts, labels, args) -> list[dict]:
         print(f"T={T:3d}  fastinf {row['samples_per_s']['fastinf']:7.1f}/s  train-step "
               f"{row['samples_per_s']['train_step']:7.1f}/s  vmap+dense {row['samples_per_s']['vmap_dense']:6.1f}/s  "
               f"vmap+kron {row['samples_per_s']['vmap_kron']:6.1f}/s  "
-              f"ratio(a) {row['ratio_a_train_step_over_fastinf']:.2f} (train mode {row['ratio_a_train_mode_over_fastinf']:.2f})  ratio(b) {row['ratio_b_vmap_over_fastinf']:.1f} (kron-projected {row['ratio_b_vmap_kron_over_fastinf']:.1f})"
+              f"ratio(a) {row['ratio_a_train_step_over_fastinf']:.2f} (best-of {row['ratio_a_best_of_reps']:.2f}, train mode {row['ratio_a_train_mode_over_fastinf']:.2f})  ratio(b) {row['ratio_b_vmap_over_fastinf']:.1f} (kron-projected {row['ratio_b_vmap_kron_over_fastinf']:.1f})"
               f"  (vmap/fastinf rel.err {err:.1e})", flush=True)
     return rows
 
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="throughput,e2e,rss,fidelity")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--reps", type=int, default=4, help="timed batches per method and length")
+    p.add_argument("--reps", type=int, default=6, help="timed batches per method and length")
     p.add_argument("--vmap-reps", type=int, default=2, help="timed batches of the (slow) vmap baseline")
     p.add_argument("--proj", default="16x16")
     p.add_argument("--threads", type=int, default=1,
@@ -482,6 +485,7 @@ def _targets(r: dict) -> dict:
     t: dict = {}
     if "throughput" in r:
         t["ratio_a_min"] = min(x["ratio_a_train_step_over_fastinf"] for x in r["throughput"])
+        t["ratio_a_best_of_reps_min"] = min(x["ratio_a_best_of_reps"] for x in r["throughput"])
         t["ratio_a_ok(>=1.4)"] = t["ratio_a_min"] >= 1.4
         t["ratio_b_min"] = min(x["ratio_b_vmap_over_fastinf"] for x in r["throughput"])
         t["ratio_b_ok(>=5)"] = t["ratio_b_min"] >= 5

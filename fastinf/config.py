@@ -411,7 +411,7 @@ def demo_config(out: str = "demo_out") -> RunConfig:
         model=ModelConfig(name="minilm", max_length=32),
         train=TrainConfig(epochs=1, batch_size=16, lr=5e-3, warmup_ratio=0.1, group_by_length=True,
                           lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
-        extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=16, cost_repeats=1),
+        extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=16, cost_repeats=2),
         score=ScoreConfig(methods=["graddot", "gradcos", "datainf"]),
         aggregate=AggregateConfig(how=["mean", "rank", "vote"],
                                   groups=["first", "q1", "q2", "q3", "q4", "last", "all"]),

@@ -407,7 +407,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> ReportFiles:
         r, b = rec["recommended"], rec["best_quality"]
         md.append(f"**Recommended layers: `{r['group']}`** ({r['method']} + {r['how']}): {headline} "
                   f"{r['quality']:.3f} at {100 * r['cost_share']:.1f}% of the all-unit extraction cost "
-                  f"(best lift per unit of cost among groups within {int(100 * (1 - rec['tolerance']))}% "
+                  f"(best lift per unit of cost among groups within {round(100 * (1 - rec['tolerance']))}% "
                   f"of the best quality). Best quality overall: `{b['group']}` ({b['method']} + {b['how']}) "
                   f"{b['quality']:.3f} at {100 * b['cost_share']:.1f}%.")
         md.append("")

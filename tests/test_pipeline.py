@@ -248,3 +248,15 @@ def test_set_overrides_apply_to_nested_keys_and_are_validated():
         apply_overrides({}, ["train.epochs"])
     with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
         RunConfig.from_dict(apply_overrides({}, ["train.epoch=2"]))
+
+
+def test_example_configs_parse_and_the_demo_config_matches_the_embedded_one():
+    from fastinf.config import demo_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert {p.name for p in paths} >= {"sms_demo.yaml", "paper_sst2.yaml", "paper_mrpc.yaml"}
+    cfgs = {p.stem: RunConfig.from_yaml(p) for p in paths}
+    assert cfgs["sms_demo"] == demo_config(cfgs["sms_demo"].out)
+    lora = cfgs["paper_sst2"].train.lora
+    assert (lora.r, lora.alpha, lora.target_modules) == (4, 4.0, ["query", "value"])
