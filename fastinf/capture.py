@@ -199,14 +199,15 @@ def _check_finite(name: str, t: torch.Tensor, batch: dict[str, Any]) -> None:
 
 def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str, UnitProjector],
                        batch: dict[str, Any], task: Task | str = "seq-cls", *,
-                       raw_units: Collection[str] | None = None) -> BatchFeatures:
+                       raw_units: Collection[str] | None = None, check_finite: bool = True) -> BatchFeatures:
     """Per-sample features of every unit in ``units`` for one batch.
 
     One forward pass of ``task.per_sample_loss`` and one ``torch.autograd.grad(loss.sum(), outputs)``;
     no weight gradients are computed and no ``.grad`` is written. The model runs in eval mode and its
     ``requires_grad`` flags and train/eval mode are restored afterwards. ``batch["attention_mask"]``
     (if present) marks real tokens. Raises ``NonFiniteError`` naming samples whose loss or features
-    are NaN/inf. ``raw_units``: names of units whose raw ``(x, g)`` are also returned in
+    are NaN/inf, unless ``check_finite=False`` (extraction: the store records such samples with their
+    ids and scoring refuses them unless told to drop them). ``raw_units``: names of units whose raw ``(x, g)`` are also returned in
     ``BatchFeatures.raw`` (e.g. the embedding, for TracIn-WE).
     """
     if not units:
@@ -243,7 +244,8 @@ def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str
             handles.clear()
             if loss.shape != (B,):
                 raise ConfigError(f"Task {task!r} returned a loss of shape {tuple(loss.shape)}, expected ({B},).")
-            _check_finite("loss", loss.detach(), batch)
+            if check_finite:
+                _check_finite("loss", loss.detach(), batch)
             for c in caps:
                 if not c.records:
                     raise ConfigError(f"Unit {c.unit.name} did not run in the forward pass of {type(model).__name__}; "
@@ -264,8 +266,9 @@ def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str
                 i += n
                 c.records.clear()
             pred, correct = task.predictions(logits.detach() if logits is not None else None, batch)
-        for name, f in features.items():
-            _check_finite(f"features of {name}", f, batch)
+        if check_finite:
+            for name, f in features.items():
+                _check_finite(f"features of {name}", f, batch)
         out_logits = logits.detach().float() if logits is not None and logits.dim() == 2 else None
         return BatchFeatures(features=features, loss=loss.detach().float(), logits=out_logits,
                              pred=pred, correct=correct, raw=raw)

@@ -187,7 +187,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
                 t0 = time.perf_counter()
                 batch = {k: v.to(device) for k, v in _tokenize(tokenizer, ds, rows, max_length, task_name).items()}
                 t1 = time.perf_counter()
-                res = features_for_batch(model, units, projectors, batch, task_obj,
+                res = features_for_batch(model, units, projectors, batch, task_obj, check_finite=False,
                                          raw_units={emb.name} if token_grads else None)
                 for name in feats:
                     feats[name].append(res.features[name].detach().float().cpu().numpy())

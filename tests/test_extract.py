@@ -208,3 +208,29 @@ def test_cli_extract_info_verify(tmp_path, tok, capsys):
     assert main(["store", "verify", str(tmp_path / "s")]) == 1
     assert "checksum mismatch" in capsys.readouterr().out
     assert main(["store", "info", str(tmp_path / "nowhere")]) == 2
+
+
+def test_nonfinite_gradients_are_recorded_with_sample_ids(tmp_path, tok):
+    import torch.nn.functional as F
+
+    from fastinf.errors import NonFiniteError
+    from fastinf.models import CustomLoss
+
+    def loss_fn(model, batch):  # cross-entropy, but NaN for samples labelled 2
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+        scale = torch.where(batch["labels"] == 2, float("nan"), 1.0)  # not where(): its grad leaks NaN
+        return ce * scale, logits
+
+    ds = _data(12)
+    ds.ids = np.arange(500, 512)
+    store = extract(make_model("bert"), tok, ds, tmp_path / "s", layers="last", proj="4x4", batch_size=5,
+                    max_length=16, task=CustomLoss(loss_fn), progress=False)
+    bad = np.flatnonzero(ds.labels == 2)
+    assert bad.size > 0
+    assert [d["id"] for d in store.nonfinite] == (500 + bad).tolist()
+    finite = np.flatnonzero(ds.labels != 2)
+    assert np.isfinite(np.asarray(store.features(store.unit_names[0]), np.float32)[finite]).all()
+    with pytest.raises(NonFiniteError, match=str(500 + bad[0])):
+        import fastinf
+        fastinf.score(store, store, method="graddot")
