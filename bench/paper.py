@@ -138,9 +138,19 @@ def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float
     md.append(f"Chance: NDR@30 ≈ {results['setup']['chance']['ndr@30']:.3f}, AUC_NDR ≈ "
               f"{results['setup']['chance']['auc_ndr']:.3f}. Fine-tuned held-out accuracy per seed: "
               + ", ".join(f"{t['heldout_acc']:.3f} (epoch {t['best_epoch']})" for t in results["train"]) + ".")
-    md.append(f"Wall time {seconds / 60:.1f} min on {os.cpu_count()} CPU cores shared with other jobs "
+    from fastinf.store import GradientStore
+
+    for t in results["train"]:
+        labels = np.asarray(GradientStore.open(Path(res.out) / f"seed-{t['seed']}" / "stores" / "test").meta.label)
+        majority = np.bincount(labels).max() / labels.size
+        if t["heldout_acc"] <= majority + 0.02:
+            md.append(f"**Caveat (seed {t['seed']}):** the fine-tuned model's held-out accuracy "
+                      f"({t['heldout_acc']:.3f}) does not beat the majority class ({majority:.3f}): it has barely "
+                      "learned the task, so these influence scores describe an under-trained model.")
+    md.append(f"Stage time {sum(results['timings'].values()) / 60:.1f} min (this invocation {seconds / 60:.1f} min; "
+              f"cached stages are reused) on {os.cpu_count()} CPU cores shared with other jobs "
               f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); full report: "
-              f"`{res.report.markdown}`.")
+              f"`{Path(res.report.markdown).relative_to(REPO)}` (not committed).")
     md.append("")
     md += claims(summary, methods)
     md.append("")
