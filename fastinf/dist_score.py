@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
-from fastinf.store import WriterLock, storage_error
+from fastinf.store import WriterLock, read_progress_records, storage_error
 
 __all__ = ["score_distributed", "train_blocks", "owner_of", "PAIRWISE_METHODS", "main"]
 
@@ -116,16 +116,11 @@ def _keep_mask(store: Any, drop: bool, side: str) -> np.ndarray:
 def _read_progress(path: Path) -> set[tuple[int, int]]:
     """(unit index, block) pairs recorded as written by any rank (a torn last line is ignored)."""
     done: set[tuple[int, int]] = set()
-    pdir = path / PROGRESS
-    if not pdir.is_dir():
-        return done
-    for f in sorted(pdir.glob("rank-*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done.add((int(rec["unit"]), int(rec["block"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
+    for rec in read_progress_records(path / PROGRESS):
+        try:
+            done.add((int(rec["unit"]), int(rec["block"])))
+        except (KeyError, TypeError, ValueError):
+            continue
     return done
 
 

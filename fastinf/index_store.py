@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fastinf.errors import StoreError, StoreMismatchError
+from fastinf.store import atomic_write_json
 
 INDEX_FORMAT = "fastinf-index"
 INDEX_FORMAT_VERSION = 1
@@ -127,41 +128,15 @@ def is_temp_entry(name: str) -> bool:
     return _TEMP_ENTRY.fullmatch(name) is not None
 
 
-def _atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    """Temp file + fsync + rename: readers see the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: Path, manifest: IndexManifest) -> None:
     """Write ``manifest.json`` atomically (temp file + fsync + rename): it marks the index as complete."""
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _atomic_write_json(directory / INDEX_MANIFEST, manifest.to_dict())
+    atomic_write_json(directory / INDEX_MANIFEST, manifest.to_dict())
 
 
 def write_build_record(directory: Path, record: Mapping[str, Any]) -> None:
     """Write ``build.json`` (the resolved build request, see ``diff_build_records``) atomically."""
-    _atomic_write_json(directory / BUILD_RECORD, {"format": BUILD_FORMAT, "format_version": BUILD_FORMAT_VERSION,
+    atomic_write_json(directory / BUILD_RECORD, {"format": BUILD_FORMAT, "format_version": BUILD_FORMAT_VERSION,
                                                   **record})
 
 

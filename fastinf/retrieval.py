@@ -56,7 +56,6 @@ from fastinf.index_store import (
     check_against_store,
     default_index_dir,
     diff_build_records,
-    fsync_dir,
     is_index_entry,
     is_temp_entry,
     read_build_record,
@@ -64,6 +63,7 @@ from fastinf.index_store import (
     write_build_record,
     write_manifest,
 )
+from fastinf.store import fsync_dir
 from fastinf.query_aggregate import HOWS, aggregate_union, reported_scores
 from fastinf.search_results import SearchResult
 

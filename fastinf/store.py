@@ -91,14 +91,44 @@ def _sha256(buf: memoryview | bytes) -> str:
     return hashlib.sha256(buf).hexdigest()
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Temp file + fsync + rename (+ directory fsync): readers see the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_progress_records(directory: Path) -> Iterator[dict]:
+    """Records of all ranks' progress logs ``directory/rank-*.jsonl``; lines torn by a crash are skipped."""
+    if not directory.is_dir():
+        return
+    for f in sorted(directory.glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash: its work is simply redone
+            if isinstance(rec, dict):
+                yield rec
 
 
 def _unit_to_dict(unit: Any) -> dict:
@@ -468,20 +498,8 @@ def _count_done_chunks(path: Path) -> int:
 
 
 def _read_progress(path: Path) -> dict[int, dict]:
-    """Completed chunks recorded in all ranks' progress logs (a torn last line is ignored)."""
-    done: dict[int, dict] = {}
-    pdir = path / "progress"
-    if not pdir.is_dir():
-        return done
-    for f in sorted(pdir.glob("rank-*.jsonl")):
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash: that chunk is simply redone
-            if isinstance(rec, dict) and "chunk" in rec and "sha256" in rec:
-                done[int(rec["chunk"])] = rec
-    return done
+    """Completed chunks recorded in all ranks' progress logs."""
+    return {int(r["chunk"]): r for r in read_progress_records(path / "progress") if "chunk" in r and "sha256" in r}
 
 
 class WriterLock:
@@ -672,7 +690,7 @@ class StoreWriter:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            _atomic_write_json(self.path / MANIFEST, self.manifest)
+            atomic_write_json(self.path / MANIFEST, self.manifest)
         except OSError as e:
             raise storage_error(e, self.path, "creating the store") from e
 
@@ -777,7 +795,7 @@ class StoreWriter:
             nonfinite = sorted((d for c in range(self.n_chunks) for d in done[c].get("nonfinite", [])),
                                key=lambda d: d["row"])
             self.manifest = {**self.manifest, "complete": True, "checksums": checksums, "nonfinite": nonfinite}
-            _atomic_write_json(self.path / MANIFEST, self.manifest)
+            atomic_write_json(self.path / MANIFEST, self.manifest)
             for p in (self.path / "progress").glob("*.jsonl"):
                 p.unlink()
             for d in ("progress", "locks"):
