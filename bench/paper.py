@@ -39,7 +39,7 @@ HOWS = ["mean", "rank", "vote"]
 
 def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train: int | None = None,
                 n_test: int | None = None, epochs: int | None = None, max_length: int | None = None,
-                lr: float = 2e-3):
+                lr: float = 5e-3):
     from fastinf.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
                                 NoiseConfig, RunConfig, ScoreConfig, TrainConfig)
 
@@ -109,6 +109,12 @@ def claims(summary, methods) -> list[str]:
         lines.append(f"**Claim 2{'a' if alt == 'rank' else 'b'} — {alt.capitalize()} beats Mean: {verdict} here** "
                      f"({alt} > mean in {wins} of {total} method/group pairs, NDR@30; examples below).")
         lines += [""] + [f"- {d}" for d in detail] + [""]
+    groups = [s for s in summary if s["kind"] == "group" and s["method"] in methods]
+    best = max(groups, key=lambda s: s["ndr@30_mean"])
+    lines.append(f"**Best overall here:** `{best['group']}` with {best['method']}/{best['how']} "
+                 f"(NDR@30 {fmt_mean_std(best['ndr@30_mean'], best['ndr@30_std'], best['n_seeds'])}); the `loss` "
+                 "baseline: " + ", ".join(fmt_mean_std(s["ndr@30_mean"], s["ndr@30_std"], s["n_seeds"])
+                                         for s in summary if s["method"] == "loss") + ".")
     return lines
 
 
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=None, help="override the influence-set size")
     ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default 3)")
     ap.add_argument("--max-length", type=int, default=None, help="override the token limit")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
