@@ -214,6 +214,14 @@ def packaged_model_path(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def is_fastinf_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint directory written by ``fastinf train`` (fastinf.train)."""
+    from fastinf.train import CHECKPOINT_FILES  # noqa: PLC0415
+
+    p = Path(path)
+    return p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)
+
+
 def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_labels: int | None = None,
                dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
@@ -235,6 +243,13 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
                      "float64": torch.float64}[dtype.lower()]
         except KeyError as e:
             raise ConfigError(f"Unknown dtype {dtype!r}; expected float32, bfloat16, float16 or float64.") from e
+    if is_fastinf_checkpoint(name_or_path):  # a `fastinf train` checkpoint (trainable tensors + recipe)
+        from fastinf.train import load_checkpoint  # noqa: PLC0415
+
+        model, tok = load_checkpoint(name_or_path)
+        if task != "seq-cls":
+            raise ConfigError(f"{name_or_path} is a fastinf sequence-classification checkpoint; use task='seq-cls'.")
+        return model.to(device=device, dtype=dtype).eval(), tok
     import transformers as tf  # noqa: PLC0415 - heavy import kept out of `import fastinf`
 
     path, packaged_gguf = packaged_model_path(str(name_or_path))

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 _TRAINABLE_FILE = "trainable.safetensors"
 _META_FILE = "checkpoint.json"
+CHECKPOINT_FILES = (_META_FILE, _TRAINABLE_FILE)  # what makes a directory a fastinf checkpoint
 
 
 class TextSamples(Protocol):

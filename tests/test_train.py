@@ -186,3 +186,14 @@ def test_train_cli_writes_checkpoints_noise_and_replayable_config(tiny_dir, tmp_
     cfg = RunConfig.from_yaml(out / "config.yaml")
     assert (cfg.noise.rate, cfg.train.lora, cfg.train.epochs) == (0.25, None, 1)
     assert np.load(out / "noise.npz")["mask"].sum() == round(0.25 * 41)   # 48 minus a 15% held-out split
+
+
+def test_load_model_and_extract_cli_accept_a_checkpoint_directory(full_run):
+    from fastinf.models import is_fastinf_checkpoint, load_model
+
+    assert is_fastinf_checkpoint(full_run.best.path)
+    model, tok = load_model(full_run.best.path)
+    ref, _ = load_checkpoint(full_run.best.path)
+    ref_state = ref.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in model.state_dict().items())
+    assert not model.training
