@@ -188,7 +188,7 @@ def test_train_cli_writes_checkpoints_noise_and_replayable_config(tiny_dir, tmp_
     assert np.load(out / "noise.npz")["mask"].sum() == round(0.25 * 41)   # 48 minus a 15% held-out split
 
 
-def test_load_model_and_extract_cli_accept_a_checkpoint_directory(full_run):
+def test_load_model_accepts_a_checkpoint_directory(full_run):
     from fastinf.models import is_fastinf_checkpoint, load_model
 
     assert is_fastinf_checkpoint(full_run.best.path)
