@@ -59,7 +59,7 @@ class Task:
 
     def per_sample_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(loss [B] float, logits)``: one forward pass; ``loss[n]`` depends on sample ``n`` only."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement per_sample_loss(model, batch)")
 
     def predictions(self, logits: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pred [B] int64, correct [B] bool)``; -1 / False when the task has no notion of it."""
