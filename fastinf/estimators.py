@@ -350,6 +350,8 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
                if _CURVATURE[method] != "identity" else IdentityPreconditioner(k, t.train.n)
                for t in plan.terms]
         nb = _train_block_rows(k, plan.test_rows, len(plan.terms), block_bytes)
+        nb_alloc = min(nb, plan.terms[0].train.n)
+        decode_bufs = [np.empty((nb_alloc, k), np.float32) for _ in plan.terms]  # reused for every block
         for r0, r1, keep_q in _test_blocks(plan):
             if not keep_q.any():
                 continue
@@ -361,7 +363,7 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
                     _raise_nonfinite(t.test, names, "test")
                 q = to_tensor(q).to(dt)                                                   # (m, k)
                 qs.append(_prepare_queries(method, q, p).to(dt) * t.weight)
-            streams = [t.train.iter_blocks(name, nb) for t in plan.terms]
+            streams = [t.train.iter_blocks(name, nb, out=dec) for t, dec in zip(plan.terms, decode_bufs)]
             for blocks in zip(*streams):
                 n0, b = blocks[0][0], len(blocks[0][1])
                 out = buf[:len(qs[0]) * b].view(len(qs[0]), b)                            # (m, b)

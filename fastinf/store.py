@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -80,11 +81,30 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
-def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Decode stored rows to float32."""
+def from_storage(x: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode stored rows to float32 (into ``out`` [len(x), ...] float32 if given, which is returned).
+
+    fp16 is widened by torch (vectorised, multi-threaded: ~5x numpy's ``astype``); reusing an ``out``
+    buffer also saves the first-touch page faults of a fresh array on every block.
+    """
     if canonical_dtype(dtype) == "bfloat16":
-        return (np.asarray(x, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(x, dtype=np.float32)
+        wide = np.asarray(x, dtype=np.uint16).astype(np.uint32) << 16
+        if out is None:
+            return wide.view(np.float32)
+        out[...] = wide.view(np.float32)
+        return out
+    x = np.asarray(x)
+    if x.dtype == np.float32 and out is None:
+        return x
+    import torch
+
+    with warnings.catch_warnings():  # read-only memory maps: the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(x)
+    if out is None:
+        return src.float().numpy()
+    torch.from_numpy(out).copy_(src)
+    return out
 
 
 def _sha256(buf: memoryview | bytes) -> str:
@@ -337,12 +357,14 @@ class GradientStore:
         return self._memmap(f"unit:{name}")
 
     def iter_blocks(self, name: str, block_size: int = 65536, *, start: int = 0, stop: int | None = None,
-                    verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+                    verify: bool = True, out: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row0, float32 [b, k])`` blocks of unit ``name`` for rows [start, stop).
 
         Chunks are checksummed on first read (``verify=True``): a corrupt chunk raises CorruptStoreError.
+        ``out``: a float32 buffer of at least ``[block_size, k]`` to decode into; each yielded block is then
+        a view of it, valid until the next one (saves an allocation and its page faults per block).
         """
-        yield from self._iter_array(f"unit:{name}", block_size, start, stop, verify, decode=True)
+        yield from self._iter_array(f"unit:{name}", block_size, start, stop, verify, decode=True, out=out)
 
     def extra(self, name: str) -> np.ndarray | None:
         """Memory-mapped optional array (e.g. ``tokens``, ``embed_grads``, ``reps``), or None."""
@@ -356,7 +378,7 @@ class GradientStore:
         yield from self._iter_array(f"extra:{name}", block_size, 0, None, verify, decode=False)
 
     def _iter_array(self, key: str, block_size: int, start: int, stop: int | None, verify: bool,
-                    decode: bool) -> Iterator[tuple[int, np.ndarray]]:
+                    decode: bool, out: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
         arr = self._memmap(key)
         stop = self.n if stop is None else min(stop, self.n)
         block_size = max(1, int(block_size))
@@ -366,7 +388,8 @@ class GradientStore:
             if verify:
                 self._verify_rows(key, row, end, arr)
             block = arr[row:end]
-            yield row, (from_storage(block, self.dtype) if decode else np.asarray(block))
+            dest = None if out is None else out[:end - row]
+            yield row, (from_storage(block, self.dtype, dest) if decode else np.asarray(block))
             row = end
 
     def _verify_rows(self, key: str, a: int, b: int, arr: np.ndarray) -> None:

@@ -194,3 +194,18 @@ def test_manifest_records_identity_and_checksums(tmp_path):
     assert len(m["checksums"]["unit:u0"]) == 3
     assert {"model", "projection", "task", "dataset"} <= set(m["identity"])
     assert not any(os.scandir(tmp_path / "s" / "locks")) if (tmp_path / "s" / "locks").exists() else True
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_iter_blocks_into_a_reused_buffer_equals_fresh_decoding(tmp_path, dtype):
+    feats = _arrays(n=37, dims=(8,))
+    s = GradientStore.from_arrays(tmp_path / "s", feats, dtype=dtype, chunk_size=10)
+    fresh = [b.copy() for _, b in s.iter_blocks("u0", block_size=6)]
+    buf = np.full((6, 8), np.nan, np.float32)
+    reused = []
+    for _, b in s.iter_blocks("u0", block_size=6, out=buf):
+        assert np.shares_memory(b, buf)
+        reused.append(b.copy())
+    for a, b in zip(fresh, reused):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.concatenate(fresh), from_storage(s.features("u0"), s.dtype))
