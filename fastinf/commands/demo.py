@@ -14,7 +14,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default experiment (no network needed, ~4 min on 2 cores)",
+    p = sub.add_parser("demo", help="run the embedded default experiment (no network needed; about 20 s on 2 CPU cores)",
                        description="Label-noise detection on SMS spam with a LoRA-tuned MiniLM-L6: which layers "
                                    "and which aggregation find the flipped labels, and at what cost.")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
