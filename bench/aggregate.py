@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastinf import _native
-from fastinf.aggregate import aggregate_all, vote_k
+from fastinf.aggregation import _native
+from fastinf.aggregation.aggregate import aggregate_all, vote_k
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ class LazyScores:
     def __init__(self, n_units: int, n_test: int, n_train: int) -> None:
         self.unit_names = [f"unit{i}" for i in range(n_units)]
         self.n_test, self.n_train, self.test_correct = n_test, n_train, None
-        from fastinf.units import Unit
+        from fastinf.extraction.units import Unit
 
         # an embedding, n_units - 2 transformer blocks, a head: so that first/middle/last all match
         last = n_units - 1

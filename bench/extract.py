@@ -68,7 +68,7 @@ def load():
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from fastinf.models import load_model
+    from fastinf.extraction.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("minilm", task="seq-cls", num_labels=2)
@@ -179,10 +179,10 @@ class VmapBaseline:
 
 
 def throughput(model, tok, texts, labels, args) -> list[dict]:
-    from fastinf.capture import features_for_batch
-    from fastinf.models import SequenceClassification
-    from fastinf.projection import ProjectionSpec, make_projectors
-    from fastinf.units import discover, select
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.models import SequenceClassification
+    from fastinf.extraction.projection import ProjectionSpec, make_projectors
+    from fastinf.extraction.units import discover, select
 
     units = select(discover(model), LAYERS)
     projectors = make_projectors(units, ProjectionSpec.parse(args.proj))
@@ -244,8 +244,8 @@ def throughput(model, tok, texts, labels, args) -> list[dict]:
 
 
 def e2e(model, tok, texts, labels, args) -> list[dict]:
-    from fastinf.data import TextDataset
-    from fastinf.extract import ExtractStats, extract
+    from fastinf.data.datasets import TextDataset
+    from fastinf.extraction.extract import ExtractStats, extract
 
     n = args.e2e_n
     ds = TextDataset(texts=texts[:n], labels=labels[:n], name="sms-bench")
@@ -271,8 +271,8 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
 from bench.extract import load, sms_rows, LAYERS
-from fastinf.data import TextDataset
-from fastinf.extract import extract
+from fastinf.data.datasets import TextDataset
+from fastinf.extraction.extract import extract
 n, T = {n}, {T}
 model, tok = load()
 texts, labels = sms_rows()
@@ -344,10 +344,10 @@ def _fidelity(exact: np.ndarray, approx: np.ndarray, k: int = 10) -> dict:
 
 def fidelity(model, tok, texts, labels, args) -> dict:
     """Exact GradDot (float64) from the captured (x, g) of every unit vs the 16x16 features of the same pass."""
-    from fastinf.capture import features_for_batch
-    from fastinf.models import SequenceClassification
-    from fastinf.projection import ProjectionSpec, make_projectors
-    from fastinf.units import discover, select
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.models import SequenceClassification
+    from fastinf.extraction.projection import ProjectionSpec, make_projectors
+    from fastinf.extraction.units import discover, select
 
     units = select(discover(model), LAYERS)
     projectors = make_projectors(units, ProjectionSpec.parse(args.proj))

@@ -348,10 +348,10 @@ def extraction_case(b: Bench, mc: dict, seed: int) -> Row:
     import torch
 
     import fastinf.kernels as K
-    from fastinf.capture import features_for_batch
-    from fastinf.models import SequenceClassification
-    from fastinf.projection import ProjectionSpec, make_projectors
-    from fastinf.units import discover, select
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.models import SequenceClassification
+    from fastinf.extraction.projection import ProjectionSpec, make_projectors
+    from fastinf.extraction.units import discover, select
 
     torch.manual_seed(seed)
     with b.device:                                           # initialise the weights on the device (fast)

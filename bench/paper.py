@@ -40,7 +40,7 @@ HOWS = ["mean", "rank", "vote"]
 def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train: int | None = None,
                 n_test: int | None = None, epochs: int | None = None, max_length: int | None = None,
                 lr: float = 5e-3):
-    from fastinf.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
+    from fastinf.experiment.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
                                 NoiseConfig, RunConfig, ScoreConfig, TrainConfig)
 
     folder, full_train, n_dev, full_length = TASKS[task]
@@ -76,7 +76,7 @@ def _get(summary, method, how, group, metric="ndr@30"):
 
 def claims(summary, methods) -> list[str]:
     """Claim-by-claim verdicts with the numbers behind them."""
-    from fastinf.report import fmt_mean_std
+    from fastinf.experiment.report import fmt_mean_std
 
     lines = []
     # 1. middle beats first
@@ -119,7 +119,7 @@ def claims(summary, methods) -> list[str]:
 
 
 def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float, float, float]) -> Path:
-    from fastinf.report import fmt_mean_std
+    from fastinf.experiment.report import fmt_mean_std
 
     results = res.results
     summary = results["summary"]
@@ -144,7 +144,7 @@ def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float
     md.append(f"Chance: NDR@30 ≈ {results['setup']['chance']['ndr@30']:.3f}, AUC_NDR ≈ "
               f"{results['setup']['chance']['auc_ndr']:.3f}. Fine-tuned held-out accuracy per seed: "
               + ", ".join(f"{t['heldout_acc']:.3f} (epoch {t['best_epoch']})" for t in results["train"]) + ".")
-    from fastinf.store import GradientStore
+    from fastinf.store.gradient_store import GradientStore
 
     for t in results["train"]:
         labels = np.asarray(GradientStore.open(Path(res.out) / f"seed-{t['seed']}" / "stores" / "test").meta.label)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    from fastinf.pipeline import run_experiment
+    from fastinf.experiment.pipeline import run_experiment
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     for task in (["sst2", "mrpc"] if args.task == "both" else [args.task]):

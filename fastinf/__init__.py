@@ -1,7 +1,8 @@
 """fastinf: fast, layer-aware training-data influence estimation for language models.
 
-Pipeline (one module per stage): units -> capture -> projection -> store -> curvature -> estimators
--> aggregate -> evaluate (and retrieval). The public API is listed in ``__all__``; names are loaded
+Pipeline (one subpackage per stage): ``data`` -> ``extraction`` (units, capture, projection) -> ``store``
+-> ``scoring`` (curvature, estimators) -> ``aggregation`` (aggregate, evaluate/NDR), plus ``retrieval``,
+``experiment`` (train, run, report) and ``cli``; see docs/INTERNALS.md. The public API is listed in ``__all__``; names are loaded
 lazily so that ``import fastinf`` stays cheap and never imports Triton, CUDA or transformers.
 
 Example::
@@ -23,45 +24,45 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API: dict[str, str] = {
     # units, projection, capture, store, extraction
-    "Unit": "fastinf.units",
-    "discover_units": "fastinf.units",
-    "select_units": "fastinf.units",
-    "ProjectionSpec": "fastinf.projection",
-    "GradientStore": "fastinf.store",
-    "extract": "fastinf.extract",
-    "load_model": "fastinf.models",
-    "SequenceClassification": "fastinf.models",
-    "CausalLM": "fastinf.models",
-    "CustomLoss": "fastinf.models",
+    "Unit": "fastinf.extraction.units",
+    "discover_units": "fastinf.extraction.units",
+    "select_units": "fastinf.extraction.units",
+    "ProjectionSpec": "fastinf.extraction.projection",
+    "GradientStore": "fastinf.store.gradient_store",
+    "extract": "fastinf.extraction.extract",
+    "load_model": "fastinf.extraction.models",
+    "SequenceClassification": "fastinf.extraction.models",
+    "CausalLM": "fastinf.extraction.models",
+    "CustomLoss": "fastinf.extraction.models",
     # scoring
-    "ScoreSet": "fastinf.scores",
-    "score": "fastinf.estimators",
-    "fit_preconditioner": "fastinf.curvature",
+    "ScoreSet": "fastinf.scoring.scores",
+    "score": "fastinf.scoring.estimators",
+    "fit_preconditioner": "fastinf.scoring.curvature",
     # aggregation and evaluation
-    "aggregate": "fastinf.aggregate",
-    "ndr": "fastinf.evaluate",
-    "ndr_curve": "fastinf.evaluate",
-    "auc_ndr": "fastinf.evaluate",
-    "aggregate_all": "fastinf.aggregate",
-    "layer_table": "fastinf.evaluate",
-    "cancellation_ratios": "fastinf.evaluate",
-    "bootstrap_ci": "fastinf.evaluate",
+    "aggregate": "fastinf.aggregation.aggregate",
+    "ndr": "fastinf.aggregation.evaluate",
+    "ndr_curve": "fastinf.aggregation.evaluate",
+    "auc_ndr": "fastinf.aggregation.evaluate",
+    "aggregate_all": "fastinf.aggregation.aggregate",
+    "layer_table": "fastinf.aggregation.evaluate",
+    "cancellation_ratios": "fastinf.aggregation.evaluate",
+    "bootstrap_ci": "fastinf.aggregation.evaluate",
     # retrieval
-    "build_index": "fastinf.retrieval",
-    "search": "fastinf.retrieval",
-    "open_index": "fastinf.retrieval",
-    "Index": "fastinf.retrieval",
-    "SearchResult": "fastinf.search_results",
+    "build_index": "fastinf.retrieval.index",
+    "search": "fastinf.retrieval.index",
+    "open_index": "fastinf.retrieval.index",
+    "Index": "fastinf.retrieval.index",
+    "SearchResult": "fastinf.retrieval.results",
     # experiments and scale
-    "inject_noise": "fastinf.data",
-    "RunConfig": "fastinf.config",
-    "run_experiment": "fastinf.pipeline",
-    "finetune": "fastinf.train",
-    "load_checkpoint": "fastinf.train",
-    "write_report": "fastinf.report",
-    "plan": "fastinf.plan",
-    "Plan": "fastinf.plan",
-    "score_distributed": "fastinf.dist_score",
+    "inject_noise": "fastinf.data.noise",
+    "RunConfig": "fastinf.experiment.config",
+    "run_experiment": "fastinf.experiment.pipeline",
+    "finetune": "fastinf.experiment.train",
+    "load_checkpoint": "fastinf.extraction.checkpoint",
+    "write_report": "fastinf.experiment.report",
+    "plan": "fastinf.extraction.plan",
+    "Plan": "fastinf.extraction.plan",
+    "score_distributed": "fastinf.scoring.dist_score",
 }
 
 _ALIASES = {"discover_units": "discover", "select_units": "select"}

@@ -11,8 +11,8 @@ import copy
 
 import torch
 
-from fastinf.models import make_task
-from fastinf.units import Unit, get_module
+from fastinf.extraction.models import make_task
+from fastinf.extraction.units import Unit, get_module
 
 
 def exact_layout(unit: Unit, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import fastinf
-from fastinf.commands import aggregate as agg_cmd
-from fastinf.commands import ndr as ndr_cmd
+from fastinf.cli import aggregate as agg_cmd
+from fastinf.cli import ndr as ndr_cmd
 from fastinf.errors import FastinfError
 
 
@@ -58,7 +58,7 @@ def test_aggregate_then_ndr(data, capsys):
 
 
 def test_ndr_on_per_unit_scores_and_scoreset_dir(data, capsys):
-    from fastinf.scores import ScoreSet
+    from fastinf.scoring.scores import ScoreSet
 
     d, arr, mask = data
     assert run_cli(["ndr", d / "scores.npy", "--noise-mask", d / "mask.npy", "--per-unit", "--how", "rank",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastinf
-from fastinf.aggregate import HOWS, aggregate_all, read_parquet, vote_k, write_parquet
+from fastinf.aggregation.aggregate import HOWS, aggregate_all, read_parquet, vote_k, write_parquet
 from fastinf.errors import ConfigError, NonFiniteError, SelectorError
 
 
@@ -127,8 +127,8 @@ def test_block_size_and_backend_do_not_change_results():
 
 
 def test_scoreset_input_selectors_and_test_correct():
-    from fastinf.scores import ScoreSet
-    from fastinf.units import Unit
+    from fastinf.scoring.scores import ScoreSet
+    from fastinf.extraction.units import Unit
 
     rng = np.random.default_rng(5)
     arr = rng.standard_normal((6, 4, 20)).astype(np.float32)

@@ -8,11 +8,11 @@ import torch
 
 from _models import CASES, make_batch, make_model, one_thread  # noqa: F401
 from _reference import per_sample_exact
-from fastinf.capture import features_for_batch
+from fastinf.extraction.capture import features_for_batch
 from fastinf.errors import ConfigError, DataError
-from fastinf.models import CausalLM, CustomLoss, SequenceClassification
-from fastinf.projection import ProjectionSpec, make_projectors, projection_matrices
-from fastinf.units import discover, select
+from fastinf.extraction.models import CausalLM, CustomLoss, SequenceClassification
+from fastinf.extraction.projection import ProjectionSpec, make_projectors, projection_matrices
+from fastinf.extraction.units import discover, select
 
 LENGTHS = [7, 3, 5, 1]
 
@@ -161,7 +161,7 @@ def test_shared_module_called_twice_sums_contributions():
             return self.head(h.mean(1))
 
     model = Twice().eval()
-    from fastinf.units import Unit
+    from fastinf.extraction.units import Unit
     units = [Unit("lin", "linear", 0, "other", 6, 6, True), Unit("head", "head", 1, "head", 3, 6, True)]
     batch = {"input_ids": torch.randint(0, 10, (3, 4)), "attention_mask": torch.ones(3, 4, dtype=torch.long),
              "labels": torch.tensor([0, 2, 1])}

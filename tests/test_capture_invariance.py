@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from _models import make_batch, make_model, sub_batch, one_thread  # noqa: F401
-from fastinf.capture import features_for_batch
-from fastinf.projection import ProjectionSpec, make_projectors
-from fastinf.units import discover
+from fastinf.extraction.capture import features_for_batch
+from fastinf.extraction.projection import ProjectionSpec, make_projectors
+from fastinf.extraction.units import discover
 
 # one encoder, one decoder (seq-cls and causal LM), one LoRA model
 FAMILIES = [("bert", "seq-cls"), ("gpt2", "seq-cls"), ("llama", "causal-lm"), ("bert-lora", "seq-cls")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastinf.curvature import (
+from fastinf.scoring.curvature import (
     Damping,
     DensePreconditioner,
     LowRankPreconditioner,
@@ -14,7 +14,7 @@ from fastinf.curvature import (
     load_preconditioner,
 )
 from fastinf.errors import ConfigError, NonFiniteError
-from fastinf.store import GradientStore
+from fastinf.store.gradient_store import GradientStore
 
 
 def _features(n: int = 240, k: int = 24, seed: int = 0) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_fitted_preconditioner_is_saved_next_to_store_and_reused(tmp_path, monke
     p1 = fit_preconditioner(store, "u", "if", damping="rel:0.1")
     files = list((tmp_path / "s" / "precond").glob("*.npz"))
     assert len(files) == 1
-    import fastinf.curvature as curv
+    import fastinf.scoring.curvature as curv
 
     def boom(*a, **k):
         raise AssertionError("must reuse the cached preconditioner, not refit")

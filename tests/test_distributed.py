@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import fastinf
-from fastinf.cli import main as fastinf_main
-from fastinf.dist_score import owner_of, score_distributed, train_blocks
+from fastinf.cli.app import main as fastinf_main
+from fastinf.scoring.dist_score import owner_of, score_distributed, train_blocks
 from fastinf.errors import StoreError, StoreLockedError, StoreMismatchError
-from fastinf.scores import ScoreSet
-from fastinf.store import GradientStore, StoreWriter
+from fastinf.scoring.scores import ScoreSet
+from fastinf.store.gradient_store import GradientStore, StoreWriter
 from tests.scripts.assets import make_assets, store_files
 from tests.scripts.dist_pipeline import EXTRACT
 
@@ -144,7 +144,7 @@ def test_failed_extraction_rank_leaves_a_resumable_store(tmp_path):
 
 
 def test_second_scoring_writer_is_refused(tmp_path):
-    from fastinf.store import WriterLock
+    from fastinf.store.gradient_store import WriterLock
 
     test, train = _synthetic(tmp_path, n=40)
     out = tmp_path / "s"
@@ -162,7 +162,7 @@ def test_second_scoring_writer_is_refused(tmp_path):
 
 
 def test_block_size_comes_from_the_plan_when_not_given(tmp_path):
-    from fastinf.plan import auto_block_size
+    from fastinf.extraction.plan import auto_block_size
 
     test, train = _synthetic(tmp_path, n=300, m=5, k=8)
     s = score_distributed(test, train, "graddot", out=tmp_path / "s", device_memory="8K")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastinf.curvature import datainf_reference
-from fastinf.estimators import score, score_arrays, token_rows, tracin_we_arrays, tracin_we_reference
-from fastinf.store import GradientStore
-from fastinf.units import Unit
+from fastinf.scoring.curvature import datainf_reference
+from fastinf.scoring.estimators import score, score_arrays, token_rows, tracin_we_arrays, tracin_we_reference
+from fastinf.store.gradient_store import GradientStore
+from fastinf.extraction.units import Unit
 
 D_IN, HID, C = 5, 4, 3
 UNITS = [Unit("l1", "linear", 0, "mlp.up", HID, D_IN, bias=True), Unit("l2", "head", 1, "head", C, HID, bias=False)]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fastinf.errors import ConfigError, NonFiniteError, SelectorError, StoreError, StoreMismatchError
-from fastinf.estimators import score
-from fastinf.store import GradientStore
+from fastinf.scoring.estimators import score
+from fastinf.store.gradient_store import GradientStore
 
 
 def _store(path, units: dict[str, int], n: int, seed: int = 0, **kw) -> GradientStore:
@@ -24,7 +24,7 @@ def test_stores_from_different_models_are_refused(tmp_path):
 
 
 def test_stores_with_different_projections_are_refused(tmp_path):
-    from fastinf.projection import ProjectionSpec
+    from fastinf.extraction.projection import ProjectionSpec
 
     test = _store(tmp_path / "te", {"a": 16}, 3, projection=ProjectionSpec("kron", 4, 4, seed=0))
     train = _store(tmp_path / "tr", {"a": 16}, 10, projection=ProjectionSpec("kron", 4, 4, seed=1))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastinf.data import TextDataset
-from fastinf.estimators import score, tracin_we_reference
-from fastinf.extract import extract
+from fastinf.data.datasets import TextDataset
+from fastinf.scoring.estimators import score, tracin_we_reference
+from fastinf.extraction.extract import extract
 from tests._models import make_model
 from tests._tokenizer import SPECIAL, WORDS, random_texts
 

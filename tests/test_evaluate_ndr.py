@@ -7,7 +7,7 @@ import pytest
 
 import fastinf
 from fastinf.errors import ConfigError, DataError, NonFiniteError
-from fastinf.evaluate import (auc_ndr, average_precision, bootstrap_ci, cancellation_ratio, cancellation_ratios,
+from fastinf.aggregation.evaluate import (auc_ndr, average_precision, bootstrap_ci, cancellation_ratio, cancellation_ratios,
                               format_table, layer_table, load_noise_mask, ndr, ndr_curve, roc_auc)
 
 # sorted ascending: -1.0 (noisy), 0.1, 0.3, 0.5 (noisy), 2.0
@@ -130,7 +130,7 @@ def test_cancellation_ratio_math():
 
 
 def test_cancellation_ratios_from_a_store(tmp_path):
-    from fastinf.store import GradientStore
+    from fastinf.store.gradient_store import GradientStore
 
     rng = np.random.default_rng(5)
     feats = {"a": rng.standard_normal((37, 8)).astype(np.float32),

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastinf.data import TextDataset, load_dataset_spec
+from fastinf.data.datasets import TextDataset, load_dataset_spec
 from fastinf.errors import ConfigError, DataError, SelectorError, StoreError, StoreMismatchError
-from fastinf.extract import extract
-from fastinf.store import GradientStore
+from fastinf.extraction.extract import extract
+from fastinf.store.gradient_store import GradientStore
 from tests._models import make_model
 from tests._tokenizer import random_texts, tiny_tokenizer
 
@@ -39,10 +39,10 @@ def _store_bytes(path: Path) -> dict[str, bytes]:
 
 
 def test_store_matches_direct_capture(tmp_path, tok):
-    from fastinf.capture import features_for_batch
-    from fastinf.models import make_task
-    from fastinf.projection import ProjectionSpec, UnitProjector
-    from fastinf.units import discover, select
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.models import make_task
+    from fastinf.extraction.projection import ProjectionSpec, UnitProjector
+    from fastinf.extraction.units import discover, select
 
     model = make_model("bert")
     ds = _data()
@@ -84,9 +84,9 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import numpy as np
-    from fastinf.data import TextDataset
-    from fastinf.extract import extract
-    from fastinf.store import StoreWriter
+    from fastinf.data.datasets import TextDataset
+    from fastinf.extraction.extract import extract
+    from fastinf.store.gradient_store import StoreWriter
     from tests._models import make_model
     from tests._tokenizer import random_texts, tiny_tokenizer
     kill_after = int(sys.argv[2])
@@ -178,7 +178,7 @@ def test_dataset_files(tmp_path):
 
 
 def test_packaged_sms():
-    from fastinf.data import load_sms
+    from fastinf.data.datasets import load_sms
 
     ds = load_sms()
     assert len(ds) == 4862 and set(np.unique(ds.labels)) == {0, 1}
@@ -186,7 +186,7 @@ def test_packaged_sms():
 
 
 def test_cli_extract_info_verify(tmp_path, tok, capsys):
-    from fastinf.cli import main
+    from fastinf.cli.app import main
 
     model = make_model("bert")
     model.save_pretrained(tmp_path / "model")
@@ -214,7 +214,7 @@ def test_nonfinite_gradients_are_recorded_with_sample_ids(tmp_path, tok):
     import torch.nn.functional as F
 
     from fastinf.errors import NonFiniteError
-    from fastinf.models import CustomLoss
+    from fastinf.extraction.models import CustomLoss
 
     def loss_fn(model, batch):  # cross-entropy, but NaN for samples labelled 2
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

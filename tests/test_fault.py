@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-import fastinf.dist_score as dist_score
-import fastinf.store as store_mod
-from fastinf.cli import main as fastinf_main
-from fastinf.dist_score import score_distributed
+import fastinf.scoring.dist_score as dist_score
+import fastinf.store.gradient_store as store_mod
+from fastinf.cli.app import main as fastinf_main
+from fastinf.scoring.dist_score import score_distributed
 from fastinf.errors import CorruptStoreError, NonFiniteError, StoreError, StoreLockedError
-from fastinf.scores import ScoreSet
-from fastinf.store import GradientStore, StoreWriter
+from fastinf.scoring.scores import ScoreSet
+from fastinf.store.gradient_store import GradientStore, StoreWriter
 from tests.scripts.assets import store_files
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import fastinf.kernels as K
-from fastinf.data import TextDataset
-from fastinf.extract import extract
+from fastinf.data.datasets import TextDataset
+from fastinf.extraction.extract import extract
 from tests._models import make_batch, make_model
 from tests._tokenizer import random_texts, tiny_tokenizer
 
@@ -63,9 +63,9 @@ def test_bert_store_is_the_same_with_kernels(tmp_path, kernel_calls):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_decoder_features_are_the_same_with_kernels(family, kernel_calls):
-    from fastinf.capture import features_for_batch
-    from fastinf.projection import ProjectionSpec, make_projectors
-    from fastinf.units import discover, select
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.projection import ProjectionSpec, make_projectors
+    from fastinf.extraction.units import discover, select
 
     model = make_model(family)
     units = select(discover(model), "all")

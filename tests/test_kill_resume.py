@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastinf.cli import main as fastinf_main
-from fastinf.dist_score import score_distributed
+from fastinf.cli.app import main as fastinf_main
+from fastinf.scoring.dist_score import score_distributed
 from fastinf.errors import StoreError, StoreMismatchError
-from fastinf.store import GradientStore
+from fastinf.store.gradient_store import GradientStore
 from tests.scripts.assets import make_assets, store_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_extraction_killed_then_resumed_is_byte_identical(tmp_path, one_thread, 
 
 def _extract_no_resume(args: list[str], out: Path) -> None:
     """The library call behind `fastinf extract` without --resume (the CLI turns the error into rc 2)."""
-    from fastinf.cli import build_parser
+    from fastinf.cli.app import build_parser
 
     ns = build_parser().parse_args([*args, "--out", str(out)])
     ns.func(ns)
@@ -111,7 +111,7 @@ def test_scoring_killed_then_resumed_is_byte_identical(tmp_path, one_thread, met
     cmd = [sys.executable, "-m", "fastinf.dist_score", "--test", str(test.path), "--train", str(train.path),
            "--out", str(out), "--method", method, "--block-size", "4"]
     _kill_when(cmd, lambda: _lines(out / "progress" / "rank-0.jsonl") >= k)
-    from fastinf.scores import ScoreSet
+    from fastinf.scoring.scores import ScoreSet
 
     with pytest.raises(StoreError, match="incomplete"):
         ScoreSet.open(out)
@@ -153,7 +153,7 @@ def test_index_build_killed_then_resumed_is_byte_identical(tmp_path, faiss_one_t
     refused and changes nothing; the resume with --resume keeps the finished files (not rewritten) and the
     directory then equals an uninterrupted build's byte for byte (IVF training on a seeded sample with
     FAISS's fixed k-means seed is deterministic at a fixed thread count)."""
-    from fastinf.retrieval import build_index, open_index
+    from fastinf.retrieval.index import build_index, open_index
 
     rng = np.random.default_rng(5)
     names = [f"u{i}" for i in range(6)]

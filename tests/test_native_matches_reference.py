@@ -4,7 +4,8 @@ zeros and skewed value distributions (which exercise the radix-selection fallbac
 import numpy as np
 import pytest
 
-from fastinf import _C, _native
+from fastinf import _C
+from fastinf.aggregation import _native
 from fastinf.errors import ConfigError, NonFiniteError
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastinf.errors import ConfigError, DataError
-from fastinf.noise import inject_noise, load_noise
+from fastinf.data.noise import inject_noise, load_noise
 
 
 def _labels(n=1000, c=2, seed=0):

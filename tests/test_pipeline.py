@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fastinf.cli import main
-from fastinf.config import RunConfig, config_hash
+from fastinf.cli.app import main
+from fastinf.experiment.config import RunConfig, config_hash
 from fastinf.errors import ConfigError
-from fastinf.pipeline import run_experiment
+from fastinf.experiment.pipeline import run_experiment
 from test_train import make_sentiment, make_tiny_model_dir
 
 METHODS, HOWS = ["graddot", "gradcos", "datainf"], ["mean", "rank", "vote"]
@@ -81,7 +81,7 @@ def test_run_writes_report_plots_and_results_with_every_key(tiny_run):
     for r in rows:
         assert {"seed", "method", "how", "group", "kind", "ndr@30", "auc_ndr", "roc_auc"} <= set(r)
     # methods x aggregations x (named groups + each block + each unit), plus the baselines
-    from fastinf.store import GradientStore
+    from fastinf.store.gradient_store import GradientStore
 
     units = GradientStore.open(out / "seed-0" / "stores" / "train").units
     blocks = {u.block for u in units}
@@ -130,8 +130,8 @@ def _reference_ndr(scores: np.ndarray, mask: np.ndarray, p: float) -> float:
 
 def test_report_numbers_equal_a_direct_recomputation(tiny_run):
     root, cfg, res = tiny_run
-    from fastinf.scores import ScoreSet
-    from fastinf.units import select
+    from fastinf.scoring.scores import ScoreSet
+    from fastinf.extraction.units import select
 
     out = root / "run"
     results = json.loads((out / "results.json").read_text())
@@ -155,7 +155,7 @@ def test_report_numbers_equal_a_direct_recomputation(tiny_run):
                 checked += 1
     assert checked == 18
     # the loss baseline: the training loss of the scored model, highest loss = most detrimental
-    from fastinf.store import GradientStore
+    from fastinf.store.gradient_store import GradientStore
 
     loss = np.asarray(GradientStore.open(out / "seed-0" / "stores" / "train").meta.loss, dtype=np.float64)
     row = next(r for r in results["rows"] if r["method"] == "loss")
@@ -228,7 +228,7 @@ def test_filter_and_retrain_compares_influence_random_and_oracle_removal(tiny_ru
     assert rows["oracle"]["n_removed"] == rows["oracle"]["noisy_removed"] == mask.sum()
     assert rows["influence"]["n_removed"] == rows["random"]["n_removed"] == 16 and rows["none"]["n_removed"] == 0
     # the influence removal is the lowest 25% by (datainf, rank, all), recomputed from the saved scores
-    from fastinf.scores import ScoreSet
+    from fastinf.scoring.scores import ScoreSet
 
     ss = ScoreSet.open(root / "run" / "seed-0" / "scores" / "datainf")
     agg = _reference_aggregate([np.asarray(ss.unit_scores(n)) for n in ss.unit_names], "rank")
@@ -238,7 +238,7 @@ def test_filter_and_retrain_compares_influence_random_and_oracle_removal(tiny_ru
 
 
 def test_set_overrides_apply_to_nested_keys_and_are_validated():
-    from fastinf.commands.run import apply_overrides
+    from fastinf.cli.run import apply_overrides
 
     d = apply_overrides({"train": {"epochs": 3}}, ["train.epochs=2", "seeds=[0, 1]", "train.lora=null",
                                                    "aggregate.how=[rank]"])
@@ -251,7 +251,7 @@ def test_set_overrides_apply_to_nested_keys_and_are_validated():
 
 
 def test_example_configs_parse_and_the_demo_config_matches_the_embedded_one():
-    from fastinf.config import demo_config
+    from fastinf.experiment.config import demo_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.yaml"))

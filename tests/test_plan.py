@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fastinf.errors import ConfigError
-from fastinf.plan import MAX_BATCH, auto_batch_size, auto_block_size, format_bytes, parse_bytes, plan
-from fastinf.units import Unit
+from fastinf.extraction.plan import MAX_BATCH, auto_batch_size, auto_block_size, format_bytes, parse_bytes, plan
+from fastinf.extraction.units import Unit
 from tests._models import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_bad_arguments_are_refused():
 def test_cli_plan_from_config_json(tmp_path, capsys):
     import transformers as tf
 
-    from fastinf.cli import main
+    from fastinf.cli.app import main
 
     tf.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=32).save_pretrained(tmp_path / "cfg")

@@ -9,9 +9,9 @@ import torch
 
 from _models import one_thread  # noqa: F401 - module fixture, used via pytestmark
 from fastinf.errors import ConfigError
-from fastinf.projection import (ProjectionSpec, UnitProjector, _embed_project, _kron_project, feature_dim,
+from fastinf.extraction.projection import (ProjectionSpec, UnitProjector, _embed_project, _kron_project, feature_dim,
                                 projection_matrices)
-from fastinf.units import Unit
+from fastinf.extraction.units import Unit
 
 # awkward shapes: primes, k > d, a single token, a single sample
 SHAPES = [(1, 1, 5, 3), (3, 7, 13, 11), (2, 5, 33, 17), (4, 1, 8, 40)]  # (B, T, d_in, d_out)
@@ -126,7 +126,7 @@ def test_embedding_gather_equals_one_hot_kron():
 def test_matrices_deterministic_and_distinct():
     u, spec = _lin(12, 20, True, "enc.layer.3.value"), ProjectionSpec.parse("8x8", seed=4)
     a = projection_matrices(u, spec)
-    from fastinf import projection
+    from fastinf.extraction import projection
     projection._cached_matrices.cache_clear()
     b = projection_matrices(u, spec)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
@@ -140,7 +140,7 @@ def test_matrices_deterministic_and_distinct():
 
 def test_matrices_identical_in_a_fresh_process():
     """Same (seed, name, shape) -> same bytes in another interpreter (no salted hash(), no global RNG)."""
-    code = ("import hashlib,torch;from fastinf.units import Unit;from fastinf.projection import *;"
+    code = ("import hashlib,torch;from fastinf.extraction.units import Unit;from fastinf.extraction.projection import *;"
             "torch.manual_seed(123);"
             "P=projection_matrices(Unit('m.h.1.attn.c_attn','linear',1,'attn.qkv',48,16,True),ProjectionSpec.parse('16x16',seed=7));"
             "print(hashlib.sha256(P[0].numpy().tobytes()+P[1].numpy().tobytes()).hexdigest())")

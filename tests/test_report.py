@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fastinf.report import compact_table, recommend, summarize, write_report
+from fastinf.experiment.report import compact_table, recommend, summarize, write_report
 
 METRICS = ["ndr@30", "auc_ndr", "roc_auc"]
 

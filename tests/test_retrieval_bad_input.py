@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
-from fastinf.retrieval import build_index, open_index, search
-from fastinf.store import GradientStore
+from fastinf.retrieval.index import build_index, open_index, search
+from fastinf.store.gradient_store import GradientStore
 from tests._retrieval_util import make_stores
 
 

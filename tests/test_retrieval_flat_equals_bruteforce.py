@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from fastinf.estimators import score
-from fastinf.retrieval import build_index, open_index, search
+from fastinf.scoring.estimators import score
+from fastinf.retrieval.index import build_index, open_index, search
 from tests._retrieval_util import assert_topk_matches, make_stores, stored
 
 
@@ -78,8 +78,8 @@ def _cli(argv: list[str]) -> int:
     """Run `fastinf index|search` through their own parsers (independent of the other subcommands)."""
     import argparse
 
-    from fastinf.commands import index as index_cmd
-    from fastinf.commands import search as search_cmd
+    from fastinf.cli import index as index_cmd
+    from fastinf.cli import search as search_cmd
 
     parser = argparse.ArgumentParser(prog="fastinf")
     sub = parser.add_subparsers(dest="command")
@@ -115,7 +115,7 @@ def test_results_parquet_rows_and_cli(stores, tmp_path, capsys):
 
 @pytest.mark.parametrize("block", [1, 37, 1000])
 def test_running_topk_equals_one_shot(block):
-    from fastinf.search_backends import exact_topk
+    from fastinf.retrieval.backends import exact_topk
 
     rng = np.random.default_rng(block)
     Q, X = rng.standard_normal((7, 13)).astype(np.float32), rng.standard_normal((401, 13)).astype(np.float32)

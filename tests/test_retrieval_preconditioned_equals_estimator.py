@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from fastinf.errors import StoreMismatchError
-from fastinf.estimators import score
-from fastinf.retrieval import build_index, open_index
+from fastinf.scoring.estimators import score
+from fastinf.retrieval.index import build_index, open_index
 from tests._retrieval_util import assert_topk_matches, make_stores, stored
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastinf.aggregate import aggregate, vote_k
-from fastinf.query_aggregate import aggregate_union, desc_average_ranks
-from fastinf.retrieval import build_index
-from fastinf.scores import ScoreSet
+from fastinf.aggregation.aggregate import aggregate, vote_k
+from fastinf.retrieval.query_aggregate import aggregate_union, desc_average_ranks
+from fastinf.retrieval.index import build_index
+from fastinf.scoring.scores import ScoreSet
 from tests._retrieval_util import make_stores, stored
 
 UNITS = ("u0", "u1", "u2")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastinf.data import TextDataset
+from fastinf.data.datasets import TextDataset
 from fastinf.errors import ConfigError
-from fastinf.extract import extract
-from fastinf.retrieval import build_index, search
+from fastinf.extraction.extract import extract
+from fastinf.retrieval.index import build_index, search
 from tests._models import NUM_LABELS, make_model
 from tests._tokenizer import random_texts, tiny_tokenizer
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fastinf.errors import ConfigError, StoreError
-from fastinf.scores import ScoreSet, ScoreSetWriter
-from fastinf.store import GradientStore
-from fastinf.units import Unit
+from fastinf.scoring.scores import ScoreSet, ScoreSetWriter
+from fastinf.store.gradient_store import GradientStore
+from fastinf.extraction.units import Unit
 
 
 def test_from_arrays_round_trip_and_save(tmp_path):
@@ -86,7 +86,7 @@ def test_parquet_top_k_matches_argsort(tmp_path, which):
 
 
 def _cli(argv: list[str]) -> int:
-    from fastinf.commands import score as cmd
+    from fastinf.cli import score as cmd
 
     parser = argparse.ArgumentParser(prog="fastinf")
     cmd.add_parser(parser.add_subparsers(dest="command"))
@@ -95,8 +95,8 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli_methods_match_library():
-    from fastinf.commands.score import METHODS as CLI_METHODS
-    from fastinf.estimators import METHODS
+    from fastinf.cli.score import METHODS as CLI_METHODS
+    from fastinf.scoring.estimators import METHODS
 
     assert CLI_METHODS == METHODS
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastinf.curvature import fit_preconditioner
-from fastinf.estimators import score
-from fastinf.store import GradientStore
-from fastinf.units import Unit
+from fastinf.scoring.curvature import fit_preconditioner
+from fastinf.scoring.estimators import score
+from fastinf.store.gradient_store import GradientStore
+from fastinf.extraction.units import Unit
 
 D_IN, HID, C = 6, 5, 3
 UNITS = [Unit("l1", "linear", 0, "mlp.up", HID, D_IN, bias=True), Unit("l2", "head", 1, "head", C, HID, bias=False)]

@@ -9,8 +9,8 @@ import pytest
 
 from fastinf.errors import (ConfigError, CorruptStoreError, StoreError, StoreLockedError,
                             StoreMismatchError)
-from fastinf.store import GradientStore, StoreWriter, from_storage, to_storage
-from fastinf.units import Unit
+from fastinf.store.gradient_store import GradientStore, StoreWriter, from_storage, to_storage
+from fastinf.extraction.units import Unit
 
 
 def _arrays(n=37, dims=(8, 5), seed=0):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastinf.config import LoraSettings, ModelConfig, TrainConfig
-from fastinf.data import TextDataset
+from fastinf.experiment.config import LoraSettings, ModelConfig, TrainConfig
+from fastinf.data.datasets import TextDataset
 from fastinf.errors import ConfigError, DataError
-from fastinf.train import TrainResult, build_model, evaluate_model, finetune, load_checkpoint, lr_lambda
+from fastinf.experiment.train import TrainResult, build_model, evaluate_model, finetune, load_checkpoint, lr_lambda
 
 POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 FILLER = ["the", "a", "movie", "film", "is", "was", "very", "not"]
@@ -158,7 +158,7 @@ def test_single_class_training_set_is_refused(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("lengths", [None, np.random.default_rng(0).integers(3, 40, size=203)])
 def test_epoch_batches_cover_every_sample_once_and_are_seeded(lengths):
-    from fastinf.train import epoch_batches
+    from fastinf.experiment.train import epoch_batches
 
     a = epoch_batches(203, 16, torch.Generator().manual_seed(1), lengths, pool=4)
     b = epoch_batches(203, 16, torch.Generator().manual_seed(1), lengths, pool=4)
@@ -171,8 +171,8 @@ def test_epoch_batches_cover_every_sample_once_and_are_seeded(lengths):
 
 
 def test_train_cli_writes_checkpoints_noise_and_replayable_config(tiny_dir, tmp_path, capsys):
-    from fastinf.cli import main
-    from fastinf.config import RunConfig
+    from fastinf.cli.app import main
+    from fastinf.experiment.config import RunConfig
 
     ds = make_sentiment(48)
     data = tmp_path / "train.tsv"
@@ -189,7 +189,8 @@ def test_train_cli_writes_checkpoints_noise_and_replayable_config(tiny_dir, tmp_
 
 
 def test_load_model_accepts_a_checkpoint_directory(full_run):
-    from fastinf.models import is_fastinf_checkpoint, load_model
+    from fastinf.extraction.checkpoint import is_fastinf_checkpoint
+    from fastinf.extraction.models import load_model
 
     assert is_fastinf_checkpoint(full_run.best.path)
     model, tok = load_model(full_run.best.path)

@@ -6,7 +6,7 @@ import torch
 
 from _models import CASES, make_model, one_thread  # noqa: F401
 from fastinf.errors import ConfigError, SelectorError
-from fastinf.units import Unit, discover, get_module, n_blocks, select
+from fastinf.extraction.units import Unit, discover, get_module, n_blocks, select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,7 +163,7 @@ def test_layers_command_table_and_json(tmp_path, capsys):
     selected unit's feature dim and store bytes; totals add up."""
     import json
 
-    from fastinf.cli import main
+    from fastinf.cli.app import main
 
     make_model("gpt2", "causal-lm").config.save_pretrained(tmp_path / "tiny")
     assert main(["layers", str(tmp_path / "tiny"), "--task", "causal-lm", "--layers", "first,attn.qkv,last",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fastinf.cli import main as fastinf_main  # noqa: E402
-from fastinf.dist_score import main as dist_score_main  # noqa: E402
+from fastinf.cli.app import main as fastinf_main  # noqa: E402
+from fastinf.scoring.dist_score import main as dist_score_main  # noqa: E402
 
 EXTRACT = ["--proj", "4x4", "--batch-size", "8", "--chunk-size", "16", "--max-length", "16", "--dtype", "fp32",
            "--no-progress"]

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from fastinf.capture import features_for_batch  # noqa: E402
-from fastinf.plan import plan  # noqa: E402
-from fastinf.projection import ProjectionSpec, make_projectors  # noqa: E402
-from fastinf.units import discover, select  # noqa: E402
+from fastinf.extraction.capture import features_for_batch  # noqa: E402
+from fastinf.extraction.plan import plan  # noqa: E402
+from fastinf.extraction.projection import ProjectionSpec, make_projectors  # noqa: E402
+from fastinf.extraction.units import discover, select  # noqa: E402
 
 
 def _status(key: str) -> int:

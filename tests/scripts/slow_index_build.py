@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fastinf import search_backends  # noqa: E402
-from fastinf.cli import main  # noqa: E402
+from fastinf.retrieval import backends as search_backends  # noqa: E402
+from fastinf.cli.app import main  # noqa: E402
 
 if __name__ == "__main__":
     pause = float(sys.argv[1])

@@ -1,0 +1,62 @@
+"""The ``fastinf`` command line: a thin shell that parses arguments and calls one library function.
+
+Each subcommand lives in its own module (listed in ``COMMANDS``) exposing ``add_parser(subparsers)``,
+which registers the parser and sets ``func(args) -> int`` on it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fastinf.errors import FastinfError
+
+COMMANDS: list[str] = [
+    "fastinf.cli.layers",
+    "fastinf.cli.extract",
+    "fastinf.cli.store",
+    "fastinf.cli.score",
+    "fastinf.cli.demo",
+    "fastinf.cli.aggregate",
+    "fastinf.cli.ndr",
+    "fastinf.cli.index",
+    "fastinf.cli.search",
+    "fastinf.cli.train",
+    "fastinf.cli.run",
+    "fastinf.cli.plan",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastinf",
+        description="Fast, layer-aware training-data influence estimation for language models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS:
+        importlib.import_module(mod).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FastinfError as e:
+        print(f"fastinf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""`fastinf extract`: per-sample projected gradients of a model over a dataset into a GradientStore."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="extract per-sample, per-unit projected gradients into a store",
+                       description="Run MODEL over DATA and write per-sample projected gradients of the "
+                                   "selected units to a crash-safe, resumable GradientStore.")
+    p.add_argument("--model", required=True, help="HF name or local path, 'minilm' (packaged MiniLM-L6), "
+                                                   "'smollm2' (packaged SmolLM2-135M GGUF), or a checkpoint dir")
+    p.add_argument("--data", required=True, help="'sms' (packaged demo), a csv/tsv/jsonl/parquet file, or a "
+                                                  "hub name such as glue:sst2")
+    p.add_argument("--split", default="train", help="dataset split for hub datasets / data directories")
+    p.add_argument("--out", required=True, help="output store directory")
+    p.add_argument("--layers", default="all", help="unit selector: first,last,middle,all,blocks[a:b],q1..q4,"
+                                                   "attn.v,mlp,lora_b, globs; unions with commas")
+    p.add_argument("--proj", default="16x16", help="KOUTxKIN Kronecker projection (default 16x16) or 'exact'")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch (default: the largest safe batch from `fastinf plan`)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"])
+    p.add_argument("--num-labels", type=int, default=None, help="classes of a fresh classification head")
+    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--token-grads", action="store_true", help="also store token ids and embedding-row "
+                                                              "gradients (for tracin_we)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per crash-safe chunk")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted extraction in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the store summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinf.data.datasets import load_dataset_spec
+    from fastinf.distributed import init_from_env
+    from fastinf.extraction.extract import extract, write_run_config
+    from fastinf.extraction.models import load_model
+
+    init_from_env()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ds = load_dataset_spec(args.data, split=args.split, text_column=args.text_column,
+                           text_pair_column=args.text_pair_column, label_column=args.label_column,
+                           limit=args.limit, need_labels=args.task != "causal-lm")
+    num_labels = args.num_labels or (ds.num_classes if args.task == "seq-cls" else None)
+    model, tok = load_model(args.model, task=args.task, num_labels=num_labels)
+    store = extract(model, tok, ds, args.out, layers=args.layers, proj=args.proj, task=args.task,
+                    dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                    resume=args.resume, overwrite=args.overwrite, chunk_size=args.chunk_size,
+                    token_grads=args.token_grads, device=device, progress=not args.no_progress,
+                    model_name=args.model)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        write_run_config(args.out, {k: v for k, v in vars(args).items() if k != "func"})
+        summary = store.summary()
+        if args.json:
+            json.dump(summary, sys.stdout, indent=1)
+            print()
+        else:
+            from fastinf.cli.store import print_summary
+
+            print_summary(summary)
+    return 0

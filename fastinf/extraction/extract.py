@@ -1,0 +1,300 @@
+"""Extraction: run the model over a dataset and write per-sample, per-unit projected gradients to a store.
+
+``extract(model, tokenizer, dataset, out=...)`` ties the stages together: select units
+(fastinf.units), build projectors (fastinf.projection), and for each chunk of rows tokenize batches, call
+``fastinf.capture.features_for_batch`` (one forward, one backward to the unit outputs) and hand the
+features to a crash-safe ``StoreWriter``. Resuming recomputes only unrecorded chunks; under ``torchrun``
+each rank takes its own chunks (``chunk % world == rank``) and rank 0 finalises.
+
+Within each chunk, rows are batched in order of token length and each batch is padded to its own longest
+sequence (dynamic padding), so little compute goes to padding; a sample's features do not depend on its
+batch-mates beyond floating-point rounding, and the order is deterministic (byte-identical resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastinf.data.datasets import TextDataset, as_text_dataset
+from fastinf.errors import ConfigError, DataError
+from fastinf.store.gradient_store import GradientStore, StoreWriter, canonical_dtype
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """Identity of a model: class, config hash and a hash of every parameter's bytes."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if not torch.is_tensor(p):
+            continue
+        h.update(name.encode())
+        t = p.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    cfg = getattr(model, "config", None)
+    cfg_json = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
+    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+    return {"name": str(name), "class": type(model).__name__,
+            "config_hash": hashlib.sha256(cfg_json.encode()).hexdigest()[:16],
+            "fingerprint": h.hexdigest()[:32]}
+
+
+@dataclass
+class ExtractStats:
+    """Timing of one extraction (seconds), for reports and benchmarks."""
+
+    samples: int = 0
+    seconds: float = 0.0
+    tokenize_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _dist_info(rank: int | None, world: int | None) -> tuple[int, int, Callable[[], None] | None]:
+    """(rank, world, barrier) from arguments or an initialised torch.distributed process group."""
+    import torch.distributed as dist
+
+    if rank is not None or world is not None:
+        return int(rank or 0), int(world or 1), (dist.barrier if dist.is_available() and dist.is_initialized() else None)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, None
+
+
+def _tokenize(tokenizer: Any, ds: TextDataset, rows: np.ndarray, max_length: int,
+              task_name: str) -> dict[str, torch.Tensor]:
+    texts = [ds.texts[i] for i in rows]
+    pairs = [ds.text_pairs[i] for i in rows] if ds.text_pairs is not None else None
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if ds.labels is not None and task_name != "causal-lm":
+        batch["labels"] = torch.as_tensor(ds.labels[rows], dtype=torch.long)
+    return batch
+
+
+def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike, *,
+            layers: str | Sequence[str] | None = "all", proj: str | Any = "16x16", task: str | Any = "seq-cls",
+            dtype: str = "fp16", batch_size: int | None = None, max_length: int = 128, seed: int = 0,
+            resume: bool = False, overwrite: bool = False, chunk_size: int | None = None,
+            token_grads: bool = False, device: str | torch.device | None = None, progress: bool = True,
+            rank: int | None = None, world: int | None = None, stats: ExtractStats | None = None,
+            model_name: str | None = None) -> GradientStore:
+    """Extract per-sample projected gradients of the selected units into a GradientStore at ``out``.
+
+    Args:
+        model: an HF model (sequence classifier or causal LM; peft-wrapped is fine). Put in eval mode.
+        tokenizer: its tokenizer (padding side and pad token set).
+        dataset: TextDataset, a spec ("sms", a file path, "glue:sst2"), an HF dataset, or rows.
+        layers: unit selector (see fastinf.units.select), e.g. "all", "middle,last", "attn.v".
+        proj: "16x16" (Kronecker k_out x k_in), "exact", or a ProjectionSpec.
+        task: "seq-cls", "causal-lm", or a fastinf.models Task (e.g. CustomLoss(fn)).
+        dtype: storage dtype fp16 | bf16 | fp32 (accumulation is always fp32).
+        batch_size: samples per forward/backward; None = the largest safe batch from fastinf.plan (or,
+            when resuming, the batch of the interrupted run, so the result stays byte-identical).
+        token_grads: also store token ids and per-position embedding output gradients (extras
+            ``tokens`` [N, L] and ``embed_grads`` [N, L, d]) for tracin_we; needs the embedding unit.
+        resume: continue an interrupted extraction in ``out`` (byte-identical result).
+        rank, world: shard for distributed runs (default: from torch.distributed if initialised).
+    Returns:
+        The finished, opened GradientStore.
+    """
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.models import make_task
+    from fastinf.extraction.plan import auto_batch_size, model_max_positions
+    from fastinf.extraction.projection import ProjectionSpec, UnitProjector, feature_dim
+    from fastinf.extraction.units import discover, select
+
+    if max_length <= 0:
+        raise ConfigError(f"max_length must be positive, got {max_length}")
+    if batch_size is not None and batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    dtype = canonical_dtype(dtype)
+    spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
+    task_obj = make_task(task)
+    task_name = getattr(task_obj, "name", str(task))
+    ds = as_text_dataset(dataset, need_labels=task_name != "causal-lm")
+    n = len(ds)
+    n_classes = _num_labels(model) if task_name == "seq-cls" else None
+    if n_classes is not None and ds.labels is not None:
+        bad = np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))
+        if bad.size:
+            raise DataError(f"labels outside the model's {n_classes} classes at rows {bad[:8].tolist()} "
+                            f"(values {np.unique(ds.labels[bad])[:8].tolist()}); fix the labels or load the "
+                            f"model with num_labels={int(ds.labels.max()) + 1}")
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    model.eval()
+    all_units = discover(model)
+    units = select(all_units, layers)
+    if token_grads and not any(u.kind == "embedding" for u in units):
+        raise ConfigError("token_grads=True needs the input embedding unit in the selection (add 'first')")
+    positions = model_max_positions(model)
+    if positions is not None and max_length > positions:
+        log.info("max_length %d exceeds the model's %d positions; using %d", max_length, positions, positions)
+        max_length = positions
+    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
+        batch_size = _previous_batch_size(out) or auto_batch_size(
+            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=n)
+    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
+    dims = {u.name: feature_dim(u, spec) for u in units}
+    emb = next((u for u in units if u.kind == "embedding"), None)
+    extras = {}
+    if token_grads:
+        extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
+    identity = {
+        "model": {**model_fingerprint(model), **({"name": model_name} if model_name else {})},
+        "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
+        "task": task_name,
+        "max_length": int(max_length),
+        "batch_size": int(batch_size),
+        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(), "n": n},
+    }
+    rank_, world_, barrier = _dist_info(rank, world)
+    chunk_size = chunk_size or max(batch_size, min(4096, batch_size * 16))
+    writer = StoreWriter(out, identity=identity, units=units, feature_dims=dims, n=n, dtype=dtype,
+                         chunk_size=chunk_size, n_classes=n_classes, extras=extras, resume=resume,
+                         overwrite=overwrite, rank=rank_, world=world_, barrier=barrier)
+    stats = stats if stats is not None else ExtractStats()
+    pending = writer.pending_chunks()
+    bar = _progress_bar(sum(np.diff(writer.chunk_rows(c))[0] for c in pending),
+                        f"extract {Path(out).name}" + (f" [rank {rank_}/{world_}]" if world_ > 1 else ""),
+                        progress and rank_ == 0)
+    t_start = time.perf_counter()
+    try:
+        for chunk in pending:
+            a, b = writer.chunk_rows(chunk)
+            feats: dict[str, list[np.ndarray]] = {u.name: [] for u in units}
+            meta: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "label", "loss", "pred", "correct", "logits")}
+            ext: dict[str, list[np.ndarray]] = {k: [] for k in extras}
+            # Batches of similar length (sorted within the chunk) waste little compute on padding; a
+            # sample's features do not depend on its batch-mates, and the order is deterministic.
+            order = _length_sorted_rows(tokenizer, ds, a, b, max_length)
+            for s in range(0, b - a, batch_size):
+                rows = order[s:s + batch_size]
+                t0 = time.perf_counter()
+                batch = {k: v.to(device) for k, v in _tokenize(tokenizer, ds, rows, max_length, task_name).items()}
+                t1 = time.perf_counter()
+                res = features_for_batch(model, units, projectors, batch, task_obj, check_finite=False,
+                                         raw_units={emb.name} if token_grads else None)
+                for name in feats:
+                    feats[name].append(res.features[name].detach().float().cpu().numpy())
+                t2 = time.perf_counter()
+                meta["ids"].append(ds.ids[rows])
+                meta["label"].append(ds.labels[rows] if ds.labels is not None else np.full(len(rows), -1))
+                meta["loss"].append(res.loss.detach().float().cpu().numpy())
+                meta["pred"].append(_np(res.pred, len(rows), -1))
+                meta["correct"].append(_np(res.correct, len(rows), False))
+                if n_classes:
+                    meta["logits"].append(res.logits.detach().float().cpu().numpy())
+                if token_grads:
+                    ids_pad, g_pad = _token_grad_rows(batch, res.raw[emb.name], max_length)
+                    ext["tokens"].append(ids_pad)
+                    ext["embed_grads"].append(g_pad)
+                stats.tokenize_s += t1 - t0
+                stats.compute_s += t2 - t1
+                bar.update(len(rows))
+            t3 = time.perf_counter()
+            back = np.argsort(order, kind="stable")  # rows back into store order
+            writer.write_chunk(chunk, {k: np.concatenate(v)[back] for k, v in feats.items()},
+                               {k: np.concatenate(v)[back] for k, v in meta.items() if v},
+                               {k: np.concatenate(v)[back] for k, v in ext.items()})
+            stats.write_s += time.perf_counter() - t3
+            stats.samples += b - a
+        store = writer.finalize()
+    finally:
+        writer.close()
+        bar.close()
+    stats.seconds += time.perf_counter() - t_start
+    if store.nonfinite and rank_ == 0:
+        ids = [d["id"] for d in store.nonfinite[:10]]
+        log.warning("%d samples have NaN/inf gradients (ids %s%s); scoring refuses them unless told to drop them",
+                    len(store.nonfinite), ids, " ..." if len(store.nonfinite) > 10 else "")
+    return store
+
+
+def _length_sorted_rows(tokenizer: Any, ds: TextDataset, a: int, b: int, max_length: int) -> np.ndarray:
+    """Rows a..b-1 ordered by tokenized length (stable), so that batches pad little."""
+    texts = ds.texts[a:b]
+    pairs = ds.text_pairs[a:b] if ds.text_pairs is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    lengths = np.array([len(x) for x in enc["input_ids"]])
+    return a + np.argsort(lengths, kind="stable")
+
+
+def _previous_batch_size(out: str | os.PathLike) -> int | None:
+    """Batch size recorded by an earlier (possibly interrupted) extraction into ``out``, if any."""
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+        return int(manifest["identity"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _np(t: torch.Tensor | None, n: int, fill: Any) -> np.ndarray:
+    if t is None:
+        return np.full(n, fill)
+    return t.detach().cpu().numpy()
+
+
+def _token_grad_rows(batch: dict[str, torch.Tensor], raw: tuple[torch.Tensor, torch.Tensor],
+                     max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, L] (-1 = padding) and embedding output gradients [B, L, d], padded to max_length."""
+    ids, g = raw
+    mask = batch.get("attention_mask")
+    ids = ids.detach().cpu().long()
+    g = g.detach().float().cpu()
+    B, T = ids.shape
+    out_ids = np.full((B, max_length), -1, dtype=np.int32)
+    out_g = np.zeros((B, max_length, g.shape[-1]), dtype=np.float32)
+    keep = mask.cpu().bool() if mask is not None else torch.ones(B, T, dtype=torch.bool)
+    masked_ids = torch.where(keep, ids, torch.full_like(ids, -1))
+    out_ids[:, :T] = masked_ids.numpy()
+    out_g[:, :T] = (g * keep.unsqueeze(-1)).numpy()
+    return out_ids, out_g
+
+
+def _num_labels(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_labels", None)
+    return int(n) if n else None
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return _NullBar()
+    return tqdm(total=int(total), desc=desc, unit="sample", dynamic_ncols=True, leave=False)
+
+
+def write_run_config(out: str | os.PathLike, args: dict) -> None:
+    """Write the replayable command configuration next to a store (``extract_config.json``)."""
+    p = Path(out) / "extract_config.json"
+    p.write_text(json.dumps(args, indent=1, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,407 @@
+"""Sharded, resumable scoring: train blocks (column ranges of the M x N score matrices) split across ranks.
+
+``score_distributed(test, train, method, out=...)`` computes the same per-unit scores as
+``fastinf.score`` for the pairwise estimators (graddot, gradcos, if, datainf, lissa), organised for scale:
+
+* **Sharding.** The kept train columns are cut into fixed blocks of ``block_size`` rows; block ``j`` of
+  every unit belongs to rank ``j % world``. The split depends only on ``(N, block_size)``, never on the
+  number of ranks, and every block is computed by the same code (float64 GEMM, float32 result), so a
+  run on any number of ranks writes byte-identical score files.
+* **One set of files.** Rank 0 preallocates the ScoreSet's memory-mapped per-unit arrays (and fits
+  every unit's preconditioner once, cached next to the train store) before a barrier; each rank then
+  writes its column ranges with ``os.pwrite``; after a final barrier rank 0 marks the manifest complete.
+* **Crash safety and resume.** After a (unit, block) is written and fsynced, its rank appends one JSON
+  line to ``progress/rank-<r>.jsonl``. A killed run leaves an incomplete score set (readers refuse
+  it); ``resume=True`` recomputes exactly the unrecorded blocks, with any number of ranks, and the
+  result equals an uninterrupted run byte for byte.
+
+Launch on CPU or GPU with ``torchrun``::
+
+    torchrun --nproc-per-node 4 -m fastinf.dist_score --test test_store --train train_store --out scores
+    # across nodes: the same line on every node, plus
+    #   --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint HOST0:29500
+    # (the output directory must be on a file system all nodes share)
+
+Memory per rank: one train block (store dtype, float32 and float64 copies), the float64 test features and
+the ``M x block`` float64 product — see ``fastinf.plan`` (``block_size=None`` asks the planner).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
+from fastinf.store.gradient_store import WriterLock, read_progress_records, storage_error
+
+__all__ = ["score_distributed", "train_blocks", "owner_of", "PAIRWISE_METHODS", "main"]
+
+log = logging.getLogger(__name__)
+
+PAIRWISE_METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
+_CURVATURE = {"graddot": "identity", "gradcos": "identity", "if": "if", "datainf": "datainf", "lissa": "lissa"}
+MANIFEST = "manifest.json"
+PROGRESS = "progress"
+FORMAT = "fastinf-dist-score-v1"
+
+
+def train_blocks(n_cols: int, block_size: int) -> list[tuple[int, int]]:
+    """Column ranges ``[c0, c1)`` of the fixed train blocks (the last one may be shorter)."""
+    if block_size <= 0:
+        raise ConfigError(f"block_size must be positive, got {block_size}")
+    return [(c, min(n_cols, c + block_size)) for c in range(0, n_cols, block_size)]
+
+
+def owner_of(block: int, world: int) -> int:
+    """The rank that computes train block ``block`` (round-robin, so ranks get near-equal work)."""
+    return block % world
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world: int
+    barrier: Callable[[], None]
+
+
+def _dist(shard: tuple[int, int] | None) -> _Dist:
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    barrier = dist.barrier if initialised else (lambda: None)
+    if shard is not None:
+        r, w = int(shard[0]), int(shard[1])
+        if not 0 <= r < w:
+            raise ConfigError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        return _Dist(r, w, barrier)
+    if initialised:
+        return _Dist(dist.get_rank(), dist.get_world_size(), barrier)
+    return _Dist(0, 1, barrier)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _keep_mask(store: Any, drop: bool, side: str) -> np.ndarray:
+    """Rows to score: all, minus those the store recorded as NaN/inf (refused unless ``drop``)."""
+    keep = np.ones(store.n, dtype=bool)
+    bad = [int(d["row"]) for d in store.nonfinite]
+    if bad:
+        if not drop:
+            ids = [int(d["id"]) for d in store.nonfinite[:20]]
+            raise NonFiniteError(f"the {side} store {store.path} has {len(bad)} samples with NaN/inf features "
+                                 f"(ids {ids}{' ...' if len(bad) > 20 else ''}); pass drop_nonfinite=True "
+                                 "(--drop-nonfinite) to leave them out")
+        keep[bad] = False
+    if not keep.any():
+        raise StoreError(f"no {side} sample is left after dropping samples with NaN/inf features")
+    return keep
+
+
+def _read_progress(path: Path) -> set[tuple[int, int]]:
+    """(unit index, block) pairs recorded as written by any rank (a torn last line is ignored)."""
+    done: set[tuple[int, int]] = set()
+    for rec in read_progress_records(path / PROGRESS):
+        try:
+            done.add((int(rec["unit"]), int(rec["block"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return done
+
+
+class _ColumnWriter:
+    """Writes column ranges into the preallocated per-unit ``M x N`` float32 arrays of a score set."""
+
+    def __init__(self, path: Path, files: Sequence[str], n_test: int, n_train: int) -> None:
+        self.n_test, self.n_train = n_test, n_train
+        self._fds, self._offsets = [], []
+        for f in files:
+            arr = np.load(path / f, mmap_mode="r")
+            if arr.shape != (n_test, n_train) or arr.dtype != np.float32:
+                raise StoreError(f"{path / f} holds {arr.dtype} {arr.shape}, expected float32 {(n_test, n_train)}; "
+                                 "the score set is damaged: rerun with overwrite=True (--overwrite)")
+            self._offsets.append(int(arr.offset))
+            del arr
+            self._fds.append(os.open(path / f, os.O_WRONLY))
+
+    def write(self, unit: int, m0: int, n0: int, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        fd, base = self._fds[unit], self._offsets[unit]
+        for r in range(block.shape[0]):
+            buf = memoryview(block[r]).cast("B")
+            off = base + 4 * ((m0 + r) * self.n_train + n0)
+            done = 0
+            while done < len(buf):
+                done += os.pwrite(fd, buf[done:], off + done)
+
+    def sync(self, unit: int) -> None:
+        os.fsync(self._fds[unit])
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _identity(method: str, units: Sequence[Any], test: Any, train: Any, block_size: int,
+              curvature: dict, keep_test: np.ndarray, keep_train: np.ndarray) -> dict:
+    """What makes two runs the same computation (checked on resume)."""
+    return {"format": FORMAT, "method": method, "units": [u.name for u in units], "block_size": int(block_size),
+            "curvature": {k: str(v) for k, v in sorted(curvature.items())},
+            "test": test.fingerprint, "train": train.fingerprint,
+            "n_test": int(keep_test.sum()), "n_train": int(keep_train.sum())}
+
+
+def _queries(method: str, q: np.ndarray, precond: Any) -> torch.Tensor:
+    """Test side ``Q H⁻¹`` (float64), rows L2-normalised first for gradcos."""
+    t = torch.from_numpy(np.asarray(q, dtype=np.float64))
+    if method == "gradcos":
+        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return t if precond is None else torch.as_tensor(precond.apply(t), dtype=torch.float64)
+
+
+def _keys(method: str, g: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(g, dtype=np.float64))
+    if method == "gradcos":
+        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return t
+
+
+def score_distributed(test_store: Any, train_store: Any, method: str = "graddot", layers: Any = None, *,
+                      out: str | os.PathLike, block_size: int | None = None, resume: bool = False,
+                      overwrite: bool = False, damping: Any = None, rank: int | None = None,
+                      drop_nonfinite: bool = False, test_block_rows: int = 4096,
+                      device_memory: int | str | None = None, shard: tuple[int, int] | None = None,
+                      progress: bool = False) -> Any:
+    """Score ``test_store`` x ``train_store`` per unit into the ScoreSet at ``out``, sharded over ranks.
+
+    Args:
+        test_store, train_store: GradientStores (or paths) from the same model, projection and units.
+        method: graddot | gradcos | if | datainf | lissa (same scores as ``fastinf.score``; float64 GEMM).
+        layers: unit selector applied to the test store's units (None: all).
+        out: the score-set directory (on a file system every rank can reach).
+        block_size: train rows per block (the unit of sharding and of resume); None: the largest safe
+            block from ``fastinf.plan.auto_block_size`` (at most 65536), the same on every rank.
+        resume: continue an interrupted run in ``out``. overwrite: replace what is in ``out``.
+        damping, rank: curvature options (``rank`` = low-rank IF rank), as in ``fastinf.score``.
+        drop_nonfinite: leave out samples the stores recorded as NaN/inf instead of refusing.
+        shard: ``(rank, world)`` of this process; default from torch.distributed (else ``(0, 1)``).
+        progress: log a progress bar on rank 0.
+    Returns:
+        The finished ScoreSet (every rank returns it after the final barrier).
+    """
+    from fastinf.scoring.curvature import Damping, fit_preconditioner
+    from fastinf.extraction.plan import auto_block_size
+    from fastinf.scoring.scores import ScoreSet
+    from fastinf.store.gradient_store import GradientStore
+    from fastinf.extraction.units import select
+
+    if method not in PAIRWISE_METHODS:
+        raise ConfigError(f"distributed scoring supports {', '.join(PAIRWISE_METHODS)}; got {method!r} "
+                          "(score the others with fastinf.score in one process)")
+    d = _dist(shard)
+    test = GradientStore.open(test_store) if isinstance(test_store, (str, os.PathLike)) else test_store
+    train = GradientStore.open(train_store) if isinstance(train_store, (str, os.PathLike)) else train_store
+    units = select(test.units, layers) if layers is not None else list(test.units)
+    missing = [u.name for u in units if u.name not in train.unit_names]
+    if missing:
+        raise StoreMismatchError(f"the train store {train.path} lacks unit(s) {missing[:6]} of the test store "
+                                 f"{test.path}; extract both with the same --layers or pass layers=...")
+    train.check_compatible(test, units=[u.name for u in units])
+    keep_test = _keep_mask(test, drop_nonfinite, "test")
+    keep_train = _keep_mask(train, drop_nonfinite, "train")
+    n_cols, n_rows = int(keep_train.sum()), int(keep_test.sum())
+    curv: dict[str, Any] = {}
+    if damping is not None:
+        curv["damping"] = Damping.parse(damping)
+    if rank is not None:
+        curv["rank"] = int(rank)
+    if block_size is None:
+        block_size = auto_block_size([train.feature_dim(u.name) for u in units], min(n_rows, test_block_rows),
+                                     n=n_cols, dtype=train.dtype, device_memory=device_memory)
+    blocks = train_blocks(n_cols, int(block_size))
+    ident = _identity(method, units, test, train, int(block_size), curv, keep_test, keep_train)
+    out = Path(out)
+
+    # ---- rank 0: allocate (or validate for resume), fit preconditioners; then everyone opens the files
+    if d.rank == 0:
+        _prepare_output(out, ident, units, method, test, train, keep_test, keep_train, resume, overwrite)
+        if _CURVATURE[method] != "identity":
+            for u in units:
+                fit_preconditioner(train, u.name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
+    d.barrier()
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("params", {}).get("dist") != ident:
+        raise StoreMismatchError(f"rank {d.rank}: {out} holds a different scoring run than rank 0 prepared")
+    if manifest.get("complete"):
+        d.barrier()
+        return ScoreSet.open(out)
+    lock = WriterLock(out / "locks" / f"rank-{d.rank}.lock")   # a second writer of this rank is refused
+    lock.acquire()
+    try:
+        done = _read_progress(out)
+        mine = [(ui, j) for ui in range(len(units)) for j in range(len(blocks))
+                if owner_of(j, d.world) == d.rank and (ui, j) not in done]
+        t0 = time.perf_counter()
+        _score_blocks(out, manifest["files"], d.rank, mine, units, blocks, test, train, method, keep_test,
+                      keep_train, curv, drop_nonfinite, test_block_rows, progress and d.rank == 0)
+    except OSError as e:
+        raise storage_error(e, out, f"writing scores (rank {d.rank})") from e
+    finally:
+        lock.release()
+    log.info("rank %d scored %d blocks in %.1fs", d.rank, len(mine), time.perf_counter() - t0)
+    d.barrier()
+    if d.rank == 0:
+        _finish(out, len(units), len(blocks))
+    d.barrier()
+    return ScoreSet.open(out)
+
+
+def _score_blocks(out: Path, files: Sequence[str], rank: int, todo: Sequence[tuple[int, int]], units: Sequence[Any],
+                  blocks: Sequence[tuple[int, int]], test: Any, train: Any, method: str, keep_test: np.ndarray,
+                  keep_train: np.ndarray, curv: dict, drop_nonfinite: bool, test_block_rows: int,
+                  progress: bool) -> None:
+    """Compute and write the (unit, train block) pairs ``todo``; record each after it is on disk."""
+    from tqdm.auto import tqdm
+
+    from fastinf.scoring.curvature import fit_preconditioner
+
+    n_rows = int(keep_test.sum())
+    kept_rows = np.flatnonzero(keep_train)            # kept column c is train row kept_rows[c]
+    writer = _ColumnWriter(out, files, n_rows, int(keep_train.sum()))
+    (out / PROGRESS).mkdir(exist_ok=True)
+    plog = open(out / PROGRESS / f"rank-{rank}.jsonl", "a")
+    bar = tqdm(total=len(todo), disable=not progress, unit="block", dynamic_ncols=True, desc=f"score {method}")
+    by_unit: dict[int, list[int]] = {}
+    for ui, j in todo:
+        by_unit.setdefault(ui, []).append(j)
+    try:
+        for ui, js in by_unit.items():
+            name = units[ui].name
+            pre = None
+            if _CURVATURE[method] != "identity":   # fitted by rank 0 before the barrier: loaded from its cache
+                pre = fit_preconditioner(train, name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
+            qf = np.concatenate([b for _, b in test.iter_blocks(name, 65536)])[keep_test]
+            qp = _queries(method, qf, pre)                                  # (M, k) float64, once per unit
+            for j in js:
+                c0, c1 = blocks[j]
+                r0, r1 = int(kept_rows[c0]), int(kept_rows[c1 - 1]) + 1   # train rows spanning the block
+                g = np.concatenate([b for _, b in train.iter_blocks(name, r1 - r0, start=r0, stop=r1)])
+                keys = _keys(method, g[keep_train[r0:r1]])                  # (c1 - c0, k) float64
+                for m0 in range(0, n_rows, test_block_rows):
+                    s = (qp[m0:m0 + test_block_rows] @ keys.T).to(torch.float32).numpy()   # (m, c1 - c0)
+                    writer.write(ui, m0, c0, s)
+                writer.sync(ui)
+                plog.write(json.dumps({"unit": ui, "block": j, "cols": [c0, c1], "rank": rank}) + "\n")
+                plog.flush()
+                os.fsync(plog.fileno())
+                bar.update(1)
+    finally:
+        writer.close()
+        plog.close()
+        bar.close()
+
+
+def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, test: Any, train: Any,
+                    keep_test: np.ndarray, keep_train: np.ndarray, resume: bool, overwrite: bool) -> None:
+    """Rank 0: create the score set's arrays, or check that ``out`` holds this very run to resume."""
+    from fastinf.scoring.scores import ScoreSetWriter
+
+    mpath = out / MANIFEST
+    if mpath.is_file() and not overwrite:
+        old = json.loads(mpath.read_text())
+        if old.get("params", {}).get("dist") != ident:
+            raise StoreMismatchError(f"{out} holds scores of a different run (method, units, stores or block "
+                                     "size differ); choose another output or pass overwrite=True (--overwrite)")
+        if old.get("complete") or resume:
+            return
+        raise StoreError(f"{out} holds an interrupted scoring run; pass resume=True (--resume) to finish it, "
+                         "or overwrite=True (--overwrite) to start over")
+    params = {"method": method, "dist": ident}
+    sources = {"checkpoints": [{"test": str(test.path), "train": str(train.path), "weight": 1.0,
+                                "test_fingerprint": test.fingerprint, "train_fingerprint": train.fingerprint}]}
+    try:
+        w = ScoreSetWriter(out, method=method, units=units, test_ids=np.asarray(test.meta.ids)[keep_test],
+                           train_ids=np.asarray(train.meta.ids)[keep_train],
+                           test_correct=np.asarray(test.meta.correct, bool)[keep_test], params=params,
+                           sources=sources, overwrite=overwrite)
+    except OSError as e:
+        raise storage_error(e, out, "allocating the score set") from e
+    w.close()  # arrays allocated, manifest written with complete=False; ranks write the blocks
+
+
+def _finish(out: Path, n_units: int, n_blocks: int) -> None:
+    """Rank 0, after every rank is done: check all blocks are recorded, then mark the set complete."""
+    done = _read_progress(out)
+    missing = [(u, b) for u in range(n_units) for b in range(n_blocks) if (u, b) not in done]
+    if missing:
+        raise StoreError(f"{out}: {len(missing)} (unit, block) pairs were never written (first {missing[:4]}; "
+                         "a rank failed?); rerun with resume=True (--resume)")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["complete"] = True
+    _atomic_json(out / MANIFEST, manifest)
+    for p in (out / PROGRESS).glob("*.jsonl"):
+        p.unlink()
+    for sub in (PROGRESS, "locks"):
+        try:
+            (out / sub).rmdir()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m fastinf.dist_score --test T --train G --out S [...]``."""
+    p = argparse.ArgumentParser(prog="python -m fastinf.dist_score",
+                                description="Score a test store against a train store, sharding the train "
+                                            "blocks across torchrun ranks (resumable).")
+    p.add_argument("--test", required=True, help="test GradientStore")
+    p.add_argument("--train", required=True, help="train GradientStore")
+    p.add_argument("--out", required=True, help="output score-set directory (shared by all ranks)")
+    p.add_argument("--method", default="graddot", choices=PAIRWISE_METHODS)
+    p.add_argument("--layers", default=None, help="unit selector (default: all units of the test store)")
+    p.add_argument("--block-size", type=int, default=None, help="train rows per block (default: from the plan)")
+    p.add_argument("--damping", default=None, help="absolute (1e-3) or relative (rel:0.1) damping")
+    p.add_argument("--rank", type=int, default=None, help="low-rank IF rank")
+    p.add_argument("--drop-nonfinite", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    import torch.distributed as dist
+
+    from fastinf.distributed import init_from_env
+    from fastinf.errors import FastinfError
+
+    owns_group = not (dist.is_available() and dist.is_initialized()) and init_from_env()
+    try:
+        s = score_distributed(args.test, args.train, args.method, args.layers, out=args.out,
+                              block_size=args.block_size, resume=args.resume, overwrite=args.overwrite,
+                              damping=args.damping, rank=args.rank, drop_nonfinite=args.drop_nonfinite)
+    except FastinfError as e:
+        print(f"fastinf dist_score: error: {e}", file=sys.stderr)
+        return 2
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(f"{s.path}: {len(s.unit_names)} units x {s.n_test} test x {s.n_train} train ({s.method})")
+    if owns_group:
+        dist.destroy_process_group()  # only a group this call created; a caller's group stays up
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
