@@ -116,7 +116,7 @@ def _predictions(model, tok, texts: list[str], batch: int = 2048) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- synthesis
 def _synthesise(real, path: Path, n: int, noise_real: np.ndarray, seed: int = 0) -> tuple[object, np.ndarray, np.ndarray]:
     """A store of ``n`` rows: the ``real`` store's rows first, then bootstrap rows with 1% jitter."""
-    from fastinf.store.gradient_store import StoreWriter
+    from fastinf.store import StoreWriter
 
     rng = np.random.default_rng(seed)
     n_real = real.n
@@ -128,7 +128,7 @@ def _synthesise(real, path: Path, n: int, noise_real: np.ndarray, seed: int = 0)
                     units=real.units, feature_dims={u: real.feature_dim(u) for u in real.unit_names}, n=n,
                     dtype=real.dtype, chunk_size=65536, n_classes=2, overwrite=True)
     feats_real = {u: real.features(u) for u in real.unit_names}
-    from fastinf.store.gradient_store import from_storage
+    from fastinf.store import from_storage
 
     for c in w.pending_chunks():
         a, b = w.chunk_rows(c)

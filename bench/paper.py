@@ -144,7 +144,7 @@ def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float
     md.append(f"Chance: NDR@30 ≈ {results['setup']['chance']['ndr@30']:.3f}, AUC_NDR ≈ "
               f"{results['setup']['chance']['auc_ndr']:.3f}. Fine-tuned held-out accuracy per seed: "
               + ", ".join(f"{t['heldout_acc']:.3f} (epoch {t['best_epoch']})" for t in results["train"]) + ".")
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     for t in results["train"]:
         labels = np.asarray(GradientStore.open(Path(res.out) / f"seed-{t['seed']}" / "stores" / "test").meta.label)

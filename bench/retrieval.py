@@ -98,8 +98,8 @@ def main() -> int:
     import faiss
     import torch
 
-    from fastinf.retrieval.index import build_index
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.retrieval.build import build_index
+    from fastinf.store import GradientStore
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from fastinf.scoring.estimators import score
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 
 ROOT = Path(__file__).resolve().parents[1]
 M, K = 1000, 256
@@ -75,7 +75,7 @@ def matmul_baseline(n: int, k: int, block: int) -> tuple[float, float]:
 def throughput(tmp: Path, n: int, methods: list[str], shm: bool = False) -> list[dict]:
     """Rows for ``methods`` at N = n; ``shm``: also score graddot into /dev/shm (RAM), which separates
     the pipeline's own overhead from the disk's write bandwidth (M·N·4 bytes of scores)."""
-    from fastinf.scoring.estimators import DEFAULT_BLOCK_BYTES, _train_block_rows
+    from fastinf.scoring.planning import DEFAULT_BLOCK_BYTES, _train_block_rows
 
     train = synthetic_store(tmp / f"train{n}", n, K, seed=1)
     test = synthetic_store(tmp / f"test{n}", M, K, seed=2)

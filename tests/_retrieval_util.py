@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 
 
 def make_stores(tmp: Path, n: int = 300, m: int = 6, dims: dict[str, int] | None = None, seed: int = 0,
@@ -23,7 +23,7 @@ def make_stores(tmp: Path, n: int = 300, m: int = 6, dims: dict[str, int] | None
 
 def stored(store: GradientStore, unit: str) -> np.ndarray:
     """The features of ``unit`` exactly as stored, in float64."""
-    from fastinf.store.gradient_store import from_storage
+    from fastinf.store import from_storage
 
     return from_storage(np.asarray(store.features(unit)), store.dtype).astype(np.float64)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fastinf
-from fastinf.aggregation.aggregate import HOWS, aggregate_all, read_parquet, vote_k, write_parquet
+from fastinf.aggregation.aggregate import HOWS, aggregate_all, vote_k
+from fastinf.aggregation.parquet import read_parquet, write_parquet
 from fastinf.errors import ConfigError, NonFiniteError, SelectorError
 
 

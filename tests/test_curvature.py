@@ -14,7 +14,7 @@ from fastinf.scoring.curvature import (
     load_preconditioner,
 )
 from fastinf.errors import ConfigError, NonFiniteError
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 
 
 def _features(n: int = 240, k: int = 24, seed: int = 0) -> np.ndarray:

@@ -17,7 +17,7 @@ from fastinf.cli.app import main as fastinf_main
 from fastinf.scoring.dist_score import owner_of, score_distributed, train_blocks
 from fastinf.errors import StoreError, StoreLockedError, StoreMismatchError
 from fastinf.scoring.scores import ScoreSet
-from fastinf.store.gradient_store import GradientStore, StoreWriter
+from fastinf.store import GradientStore, StoreWriter
 from tests.scripts.assets import make_assets, store_files
 from tests.scripts.dist_pipeline import EXTRACT
 
@@ -144,7 +144,7 @@ def test_failed_extraction_rank_leaves_a_resumable_store(tmp_path):
 
 
 def test_second_scoring_writer_is_refused(tmp_path):
-    from fastinf.store.gradient_store import WriterLock
+    from fastinf.store import WriterLock
 
     test, train = _synthetic(tmp_path, n=40)
     out = tmp_path / "s"

@@ -8,7 +8,7 @@ import torch
 
 from fastinf.scoring.curvature import datainf_reference
 from fastinf.scoring.estimators import score, score_arrays, token_rows, tracin_we_arrays, tracin_we_reference
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 from fastinf.extraction.units import Unit
 
 D_IN, HID, C = 5, 4, 3

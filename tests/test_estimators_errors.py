@@ -6,7 +6,7 @@ import pytest
 
 from fastinf.errors import ConfigError, NonFiniteError, SelectorError, StoreError, StoreMismatchError
 from fastinf.scoring.estimators import score
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 
 
 def _store(path, units: dict[str, int], n: int, seed: int = 0, **kw) -> GradientStore:

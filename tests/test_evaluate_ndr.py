@@ -130,7 +130,7 @@ def test_cancellation_ratio_math():
 
 
 def test_cancellation_ratios_from_a_store(tmp_path):
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     rng = np.random.default_rng(5)
     feats = {"a": rng.standard_normal((37, 8)).astype(np.float32),

@@ -16,7 +16,7 @@ import torch
 from fastinf.data.datasets import TextDataset, load_dataset_spec
 from fastinf.errors import ConfigError, DataError, SelectorError, StoreError, StoreMismatchError
 from fastinf.extraction.extract import extract
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 from tests._models import make_model
 from tests._tokenizer import random_texts, tiny_tokenizer
 
@@ -86,7 +86,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import numpy as np
     from fastinf.data.datasets import TextDataset
     from fastinf.extraction.extract import extract
-    from fastinf.store.gradient_store import StoreWriter
+    from fastinf.store import StoreWriter
     from tests._models import make_model
     from tests._tokenizer import random_texts, tiny_tokenizer
     kill_after = int(sys.argv[2])

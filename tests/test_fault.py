@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import fastinf.scoring.dist_score as dist_score
-import fastinf.store.gradient_store as store_mod
+import fastinf.store.chunked as store_mod
 from fastinf.cli.app import main as fastinf_main
 from fastinf.scoring.dist_score import score_distributed
 from fastinf.errors import CorruptStoreError, NonFiniteError, StoreError, StoreLockedError
 from fastinf.scoring.scores import ScoreSet
-from fastinf.store.gradient_store import GradientStore, StoreWriter
+from fastinf.store import GradientStore, StoreWriter
 from tests.scripts.assets import store_files
 
 

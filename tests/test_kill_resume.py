@@ -17,7 +17,7 @@ import pytest
 from fastinf.cli.app import main as fastinf_main
 from fastinf.scoring.dist_score import score_distributed
 from fastinf.errors import StoreError, StoreMismatchError
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 from tests.scripts.assets import make_assets, store_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,8 @@ def test_index_build_killed_then_resumed_is_byte_identical(tmp_path, faiss_one_t
     refused and changes nothing; the resume with --resume keeps the finished files (not rewritten) and the
     directory then equals an uninterrupted build's byte for byte (IVF training on a seeded sample with
     FAISS's fixed k-means seed is deterministic at a fixed thread count)."""
-    from fastinf.retrieval.index import build_index, open_index
+    from fastinf.retrieval.build import build_index
+    from fastinf.retrieval.index import open_index
 
     rng = np.random.default_rng(5)
     names = [f"u{i}" for i in range(6)]

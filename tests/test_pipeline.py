@@ -81,7 +81,7 @@ def test_run_writes_report_plots_and_results_with_every_key(tiny_run):
     for r in rows:
         assert {"seed", "method", "how", "group", "kind", "ndr@30", "auc_ndr", "roc_auc"} <= set(r)
     # methods x aggregations x (named groups + each block + each unit), plus the baselines
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     units = GradientStore.open(out / "seed-0" / "stores" / "train").units
     blocks = {u.block for u in units}
@@ -155,7 +155,7 @@ def test_report_numbers_equal_a_direct_recomputation(tiny_run):
                 checked += 1
     assert checked == 18
     # the loss baseline: the training loss of the scored model, highest loss = most detrimental
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     loss = np.asarray(GradientStore.open(out / "seed-0" / "stores" / "train").meta.loss, dtype=np.float64)
     row = next(r for r in results["rows"] if r["method"] == "loss")

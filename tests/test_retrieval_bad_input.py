@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
-from fastinf.retrieval.index import build_index, open_index, search
-from fastinf.store.gradient_store import GradientStore
+from fastinf.retrieval.build import build_index
+from fastinf.retrieval.index import open_index
+from fastinf.retrieval.search import search
+from fastinf.store import GradientStore
 from tests._retrieval_util import make_stores
 
 

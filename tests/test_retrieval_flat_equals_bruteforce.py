@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from fastinf.scoring.estimators import score
-from fastinf.retrieval.index import build_index, open_index, search
+from fastinf.retrieval.build import build_index
+from fastinf.retrieval.index import open_index
+from fastinf.retrieval.search import search
 from tests._retrieval_util import assert_topk_matches, make_stores, stored
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastinf.retrieval.index import build_index
-from fastinf.store.gradient_store import GradientStore
+from fastinf.retrieval.build import build_index
+from fastinf.store import GradientStore
 from tests._retrieval_util import stored
 
 

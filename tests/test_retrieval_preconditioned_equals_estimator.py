@@ -12,7 +12,8 @@ import pytest
 
 from fastinf.errors import StoreMismatchError
 from fastinf.scoring.estimators import score
-from fastinf.retrieval.index import build_index, open_index
+from fastinf.retrieval.build import build_index
+from fastinf.retrieval.index import open_index
 from tests._retrieval_util import assert_topk_matches, make_stores, stored
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from fastinf.aggregation.aggregate import aggregate, vote_k
 from fastinf.retrieval.query_aggregate import aggregate_union, desc_average_ranks
-from fastinf.retrieval.index import build_index
+from fastinf.retrieval.build import build_index
 from fastinf.scoring.scores import ScoreSet
 from tests._retrieval_util import make_stores, stored
 

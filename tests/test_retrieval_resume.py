@@ -17,8 +17,9 @@ import pytest
 
 from fastinf.retrieval import backends as sb
 from fastinf.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
-from fastinf.retrieval.index import build_index, open_index
-from fastinf.store.gradient_store import GradientStore, WriterLock
+from fastinf.retrieval.build import build_index
+from fastinf.retrieval.index import open_index
+from fastinf.store import GradientStore, WriterLock
 from tests._retrieval_util import make_stores
 
 DIMS = {"u0": 8, "u1": 8, "u2": 4}
@@ -127,7 +128,7 @@ def test_resume_refuses_a_changed_store_or_preconditioner(stores, tmp_path, monk
     out = interrupted_build(monkeypatch, train, tmp_path / "idx", after=2, **BASE)
     before = _files(out)
     with monkeypatch.context() as m:  # the cached preconditioner under <store>/precond changed
-        m.setattr("fastinf.retrieval.index._precond_fingerprint", lambda pre: "another preconditioner")
+        m.setattr("fastinf.retrieval.precond._precond_fingerprint", lambda pre: "another preconditioner")
         with pytest.raises(StoreMismatchError, match=r"\(precond_fingerprints: "):
             build_index(train, out=out, resume=True, **BASE)
     other, _ = make_stores(tmp_path / "other", n=240, m=4, dims=DIMS, seed=1)  # same shapes, other rows

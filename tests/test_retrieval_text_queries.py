@@ -11,7 +11,8 @@ import pytest
 from fastinf.data.datasets import TextDataset
 from fastinf.errors import ConfigError
 from fastinf.extraction.extract import extract
-from fastinf.retrieval.index import build_index, search
+from fastinf.retrieval.build import build_index
+from fastinf.retrieval.search import search
 from tests._models import NUM_LABELS, make_model
 from tests._tokenizer import random_texts, tiny_tokenizer
 

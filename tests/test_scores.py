@@ -10,7 +10,7 @@ import pytest
 
 from fastinf.errors import ConfigError, StoreError
 from fastinf.scoring.scores import ScoreSet, ScoreSetWriter
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 from fastinf.extraction.units import Unit
 
 

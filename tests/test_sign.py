@@ -13,7 +13,7 @@ import torch
 
 from fastinf.scoring.curvature import fit_preconditioner
 from fastinf.scoring.estimators import score
-from fastinf.store.gradient_store import GradientStore
+from fastinf.store import GradientStore
 from fastinf.extraction.units import Unit
 
 D_IN, HID, C = 6, 5, 3

@@ -9,7 +9,7 @@ import pytest
 
 from fastinf.errors import (ConfigError, CorruptStoreError, StoreError, StoreLockedError,
                             StoreMismatchError)
-from fastinf.store.gradient_store import GradientStore, StoreWriter, from_storage, to_storage
+from fastinf.store import GradientStore, StoreWriter, from_storage, to_storage
 from fastinf.extraction.units import Unit
 
 

@@ -26,6 +26,10 @@ exact integers (doubled ranks), so results do not depend on block size, thread c
 ``median`` is the exception that cannot stream over rankers: it reads train-column chunks of all of a
 group's rankers (``median_budget_bytes`` each) in a second pass.
 
+The pieces: :mod:`~fastinf.aggregation.sources` reads the scores and resolves groups,
+:mod:`~fastinf.aggregation.accumulators` holds the per-atom sums, :mod:`~fastinf.aggregation.parquet` writes
+and reads results; this module is the pass itself (:func:`aggregate_all`, :func:`aggregate`).
+
 ``correct_only=True`` keeps only rankers whose test sample the model predicts correctly (the paper's
 "-c"); it needs ``test_correct`` (from the ScoreSet, or passed with a plain array).
 """
@@ -33,21 +37,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from fastinf.aggregation import _native
-from fastinf.errors import ConfigError, NonFiniteError, SelectorError
+from fastinf.aggregation.accumulators import _Acc, _finish, _median
+from fastinf.aggregation.sources import _resolve_groups, _Source
+from fastinf.errors import ConfigError, NonFiniteError
 
 HOWS: tuple[str, ...] = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
-_RANK_HOWS = {"rank", "vote", "min_rank", "rrf"}
-
-#: A group: a selector string (``"middle"``, ``"first,last"``, ``"blocks[2:4]"``; see
-#: :func:`fastinf.units.select`), or an explicit list of unit indices or unit names.
-GroupSpec = Union[str, Sequence[int], Sequence[str]]
 
 
 def vote_k(vote_p: float, n_train: int) -> int:
@@ -55,193 +55,6 @@ def vote_k(vote_p: float, n_train: int) -> int:
     if isinstance(vote_p, bool) or not (isinstance(vote_p, numbers.Real) and 0.0 < float(vote_p) <= 1.0):
         raise ConfigError(f"vote_p: expected a fraction in (0, 1], found {vote_p!r} (0.2 = the paper's default)")
     return max(1, min(n_train, int(math.floor(float(vote_p) * n_train + 0.5))))
-
-
-# --------------------------------------------------------------------------------------------- sources
-class _Source:
-    """Uniform read access to a ScoreSet-like object or a plain (U, M, N) array."""
-
-    def __init__(self, scores: Any, units: Sequence[Any] | None, test_correct: np.ndarray | None) -> None:
-        self._open: tuple[int, Any] = (-1, None)
-        if isinstance(scores, np.ndarray) or (hasattr(scores, "__array__") and not hasattr(scores, "unit_scores")):
-            arr = np.asarray(scores)
-            if arr.ndim != 3:
-                raise ConfigError(
-                    f"scores: expected per-unit scores of shape (units, test, train), found shape {arr.shape}; "
-                    "for a single unit use arr[None]"
-                )
-            self._arr: np.ndarray | None = arr
-            self._set = None
-            n_units, self.n_test, self.n_train = arr.shape
-            self.units = list(units) if units is not None else None
-            if self.units is not None and len(self.units) != n_units:
-                raise ConfigError(f"units: expected {n_units} entries (one per score unit), found {len(self.units)}")
-            if self.units is None:
-                self.unit_names = [f"unit{i}" for i in range(n_units)]
-            else:
-                self.unit_names = [u if isinstance(u, str) else u.name for u in self.units]
-            self.unit_objs = [u for u in (self.units or []) if not isinstance(u, str)] or None
-            correct = test_correct
-        elif all(hasattr(scores, a) for a in ("unit_names", "n_test", "n_train", "unit_scores")):
-            self._arr = None
-            self._set = scores
-            self.unit_names = list(scores.unit_names)
-            self.n_test, self.n_train = int(scores.n_test), int(scores.n_train)
-            objs = units if units is not None else getattr(scores, "units", None)
-            self.unit_objs = [u for u in objs if not isinstance(u, str)] if objs is not None else None
-            if self.unit_objs is not None and len(self.unit_objs) != len(self.unit_names):
-                self.unit_objs = None
-            correct = test_correct if test_correct is not None else getattr(scores, "test_correct", None)
-        else:
-            raise ConfigError(
-                f"scores: expected a ScoreSet (from fastinf.score) or a (units, test, train) array, "
-                f"found {type(scores).__name__}"
-            )
-        if not self.unit_names:
-            raise ConfigError("scores: expected at least one unit, found none")
-        if self.n_train < 1 or self.n_test < 1:
-            raise ConfigError(f"scores: expected at least one test and one train sample, found M={self.n_test}, "
-                              f"N={self.n_train}")
-        self.test_correct = None if correct is None else np.asarray(correct, dtype=bool).reshape(-1)
-        if self.test_correct is not None and self.test_correct.shape[0] != self.n_test:
-            raise ConfigError(f"test_correct: expected {self.n_test} flags (one per test sample), found "
-                              f"{self.test_correct.shape[0]}")
-
-    def _unit(self, u: int) -> Any:
-        """The [M, N] scores of unit ``u`` (a view / memory map; the last one is kept open)."""
-        if self._arr is not None:
-            return self._arr[u]
-        if self._open[0] != u:
-            self._open = (u, self._set.unit_scores(self.unit_names[u]))
-        return self._open[1]
-
-    def block(self, u: int, m0: int, m1: int) -> np.ndarray:
-        """Scores of unit ``u`` for test rows ``m0:m1``; (m1 - m0, N)."""
-        return np.asarray(self._unit(u)[m0:m1])
-
-    def columns(self, u: int, rows: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        """Scores of unit ``u`` for test ``rows`` and train columns ``c0:c1``; (len(rows), c1 - c0)."""
-        return np.asarray(self._unit(u)[:, c0:c1])[rows]
-
-
-def _resolve_group(spec: GroupSpec, src: _Source) -> list[int]:
-    """Unit indices (in score order) selected by one group spec."""
-    names = src.unit_names
-    if isinstance(spec, str):
-        terms = [t.strip() for t in spec.split(",") if t.strip()]
-        if terms and all(t in names for t in terms):  # exact unit names (and unions of them)
-            return sorted({names.index(t) for t in terms})
-        if spec.strip() == "all":
-            return list(range(len(names)))
-        if src.unit_objs is None:
-            raise SelectorError(
-                f"group {spec!r}: layer selectors need unit metadata (a ScoreSet, or units=[Unit, ...] with a "
-                f"plain array), but these scores carry only unit names {names[:4]}{'...' if len(names) > 4 else ''}"
-                "; give the group as unit names or indices instead"
-            )
-        from fastinf.extraction.units import select  # local: units imports torch-free helpers only when needed
-
-        chosen = {u.name for u in select(src.unit_objs, spec)}
-        idx = [i for i, n in enumerate(names) if n in chosen]
-        if not idx:
-            raise SelectorError(f"group {spec!r} matches none of the {len(names)} scored units; "
-                                "check the selector (e.g. 'first', 'middle', 'last', 'all', 'blocks[2:4]')")
-        return idx
-    items = list(spec)
-    if not items:
-        raise SelectorError("group: expected a selector or a non-empty list of units, found an empty list")
-    idx: list[int] = []
-    for it in items:
-        if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
-            if not 0 <= int(it) < len(names):
-                raise SelectorError(f"group: unit index {int(it)} is out of range for {len(names)} scored units")
-            idx.append(int(it))
-        elif isinstance(it, str) and it in names:
-            idx.append(names.index(it))
-        else:
-            raise SelectorError(f"group: {it!r} is neither a unit index nor one of the scored unit names")
-    return sorted(set(idx))
-
-
-def _resolve_groups(groups: Any, src: _Source) -> dict[str, list[int]]:
-    if groups is None:
-        return {"all": list(range(len(src.unit_names)))}
-    if isinstance(groups, str):
-        return {groups: _resolve_group(groups, src)}
-    if isinstance(groups, Mapping):
-        items = [(str(k), v) for k, v in groups.items()]
-    else:
-        seq = list(groups)
-        if seq and all(isinstance(g, (int, np.integer)) for g in seq):
-            items = [("group", seq)]  # a single list of indices
-        else:
-            items = [(g if isinstance(g, str) else ",".join(map(str, g)), g) for g in seq]
-    if not items:
-        raise SelectorError("groups: expected at least one group, found none")
-    return {name: _resolve_group(spec, src) for name, spec in items}
-
-
-# -------------------------------------------------------------------------------------- accumulators
-@dataclass
-class _Acc:
-    """Running sums of one atom (set of units with identical group memberships)."""
-
-    n: int
-    hows: frozenset[str]
-    rankers: int = 0
-    sum: np.ndarray | None = None
-    zsum: np.ndarray | None = None
-    rank2: np.ndarray | None = None
-    vote2: np.ndarray | None = None
-    min2: np.ndarray | None = None
-    rrf: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = self.n
-        if "mean" in self.hows:
-            self.sum = np.zeros(n, np.float64)
-        if "zmean" in self.hows:
-            self.zsum = np.zeros(n, np.float64)
-        if "rank" in self.hows:
-            self.rank2 = np.zeros(n, np.int64)
-        if "vote" in self.hows:
-            self.vote2 = np.zeros(n, np.int64)
-        if "min_rank" in self.hows:
-            self.min2 = np.full(n, np.iinfo(np.int64).max, np.int64)
-        if "rrf" in self.hows:
-            self.rrf = np.zeros(n, np.float64)
-
-    def add(self, block: np.ndarray, k: int, rrf_k: int, backend: str | None, n_threads: int | None) -> None:
-        self.rankers += block.shape[0]
-        if self.sum is not None:
-            self.sum += block.sum(axis=0, dtype=np.float64)
-        if self.zsum is not None:
-            b64 = block.astype(np.float64)
-            mu = b64.mean(axis=1, keepdims=True)
-            sd = b64.std(axis=1, keepdims=True)
-            z = np.divide(b64 - mu, sd, out=np.zeros_like(b64), where=sd > 0)
-            self.zsum += z.sum(axis=0)
-        if self.hows & _RANK_HOWS:
-            _native.accumulate_ranks(block, vote_k=k, rank_sum2=self.rank2, vote_sum2=self.vote2,
-                                     min_rank2=self.min2, rrf_sum=self.rrf, rrf_k=rrf_k, backend=backend,
-                                     n_threads=n_threads)
-
-
-def _finish(how: str, atoms: list[_Acc]) -> np.ndarray:
-    rankers = sum(a.rankers for a in atoms)
-    if how == "mean":
-        return sum(a.sum for a in atoms) / rankers
-    if how == "zmean":
-        return sum(a.zsum for a in atoms) / rankers
-    if how == "rank":
-        return sum(a.rank2 for a in atoms).astype(np.float64) / (2.0 * rankers)
-    if how == "vote":
-        return -sum(a.vote2 for a in atoms).astype(np.float64) / 2.0
-    if how == "min_rank":
-        return np.minimum.reduce([a.min2 for a in atoms]).astype(np.float64) / 2.0
-    if how == "rrf":
-        return -sum(a.rrf for a in atoms)
-    raise AssertionError(how)  # pragma: no cover - validated on entry
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -315,45 +128,14 @@ def aggregate_all(
     if rrf_k < 0:
         raise ConfigError(f"rrf_k: expected a non-negative integer, found {rrf_k}")
     group_idx = _resolve_groups(groups, src)
-    rows_ok = np.ones(m, dtype=bool)
-    if correct_only:
-        if src.test_correct is None:
-            raise ConfigError("correct_only=True needs per-test correctness: the ScoreSet has no test_correct; "
-                              "pass test_correct=[bool] * n_test")
-        rows_ok = src.test_correct
-        if not rows_ok.any():
-            raise ConfigError(f"correct_only=True but none of the {m} test samples is predicted correctly; "
-                              "aggregate without correct_only")
-
-    # Atoms: units grouped by the set of groups they belong to (units in no group are never read).
-    member: dict[int, frozenset[str]] = {}
-    for g, idx in group_idx.items():
-        for u in idx:
-            member[u] = member.get(u, frozenset()) | {g}
-    atom_of_sig: dict[frozenset[str], int] = {}
-    for u in sorted(member):
-        atom_of_sig.setdefault(member[u], len(atom_of_sig))
+    rows_ok = _test_rows(src, correct_only)
+    member, atom_of_sig = _atoms(group_idx)
     stream_hows = frozenset(h for h in hows if h != "median")
     atoms = [_Acc(n, stream_hows) for _ in atom_of_sig]
-
     if stream_hows:
         block_rows = max(1, min(m, block_bytes // (4 * n)))
         for u in sorted(member):
-            acc = atoms[atom_of_sig[member[u]]]
-            for m0 in range(0, m, block_rows):
-                m1 = min(m, m0 + block_rows)
-                keep = rows_ok[m0:m1]
-                if not keep.any():
-                    continue
-                block = src.block(u, m0, m1)
-                if not keep.all():
-                    block = block[keep]
-                block = np.ascontiguousarray(block, dtype=np.float32)
-                if not np.isfinite(block).all():
-                    bad = m0 + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                    raise NonFiniteError(f"scores of unit {src.unit_names[u]!r} hold NaN/inf (first in a test "
-                                         f"block starting near row {bad}); fix the scores before aggregating")
-                acc.add(block, k, rrf_k, backend, n_threads)
+            _stream_unit(src, u, atoms[atom_of_sig[member[u]]], rows_ok, block_rows, k, rrf_k, backend, n_threads)
 
     out: dict[tuple[str, str], np.ndarray] = {}
     n_rankers: dict[str, int] = {}
@@ -376,19 +158,54 @@ def aggregate_all(
     )
 
 
-def _median(src: _Source, idx: list[int], rows_ok: np.ndarray, budget: int) -> np.ndarray:
-    """Median over the group's rankers, by train-column chunks of at most ``budget`` bytes."""
-    rows = np.flatnonzero(rows_ok)
-    n_rank = len(idx) * len(rows)
-    chunk = max(1, min(src.n_train, budget // (4 * n_rank)))
-    res = np.empty(src.n_train, np.float64)
-    for c0 in range(0, src.n_train, chunk):
-        c1 = min(src.n_train, c0 + chunk)
-        cols = np.concatenate([src.columns(u, rows, c0, c1).astype(np.float32) for u in idx], axis=0)
-        if not np.isfinite(cols).all():
-            raise NonFiniteError(f"scores hold NaN/inf in train columns {c0}:{c1}; fix the scores before aggregating")
-        res[c0:c1] = np.median(cols.astype(np.float64), axis=0)
-    return res
+def _test_rows(src: _Source, correct_only: bool) -> np.ndarray:
+    """The test rows whose rankers are used: all, or only the correctly predicted ones (``correct_only``)."""
+    m = src.n_test
+    rows_ok = np.ones(m, dtype=bool)
+    if correct_only:
+        if src.test_correct is None:
+            raise ConfigError("correct_only=True needs per-test correctness: the ScoreSet has no test_correct; "
+                              "pass test_correct=[bool] * n_test")
+        rows_ok = src.test_correct
+        if not rows_ok.any():
+            raise ConfigError(f"correct_only=True but none of the {m} test samples is predicted correctly; "
+                              "aggregate without correct_only")
+    return rows_ok
+
+
+def _atoms(group_idx: dict[str, list[int]]) -> tuple[dict[int, frozenset[str]], dict[frozenset[str], int]]:
+    """(unit -> the groups it belongs to, membership signature -> atom index).
+
+    Atoms: units grouped by the set of groups they belong to (units in no group are never read).
+    """
+    member: dict[int, frozenset[str]] = {}
+    for g, idx in group_idx.items():
+        for u in idx:
+            member[u] = member.get(u, frozenset()) | {g}
+    atom_of_sig: dict[frozenset[str], int] = {}
+    for u in sorted(member):
+        atom_of_sig.setdefault(member[u], len(atom_of_sig))
+    return member, atom_of_sig
+
+
+def _stream_unit(src: _Source, u: int, acc: _Acc, rows_ok: np.ndarray, block_rows: int, k: int, rrf_k: int,
+                 backend: str | None, n_threads: int | None) -> None:
+    """Accumulate unit ``u``'s kept test rows into its atom, one test block at a time; rejects NaN/inf."""
+    m = src.n_test
+    for m0 in range(0, m, block_rows):
+        m1 = min(m, m0 + block_rows)
+        keep = rows_ok[m0:m1]
+        if not keep.any():
+            continue
+        block = src.block(u, m0, m1)
+        if not keep.all():
+            block = block[keep]
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = m0 + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise NonFiniteError(f"scores of unit {src.unit_names[u]!r} hold NaN/inf (first in a test "
+                                 f"block starting near row {bad}); fix the scores before aggregating")
+        acc.add(block, k, rrf_k, backend, n_threads)
 
 
 def aggregate(
@@ -421,93 +238,3 @@ def aggregate(
     if several_hows and not several_groups:
         return {h: v for (_, h), v in res.scores.items()}
     return dict(res.scores)
-
-
-# --------------------------------------------------------------------------------------------- I/O
-def write_parquet(result: Aggregation, path: str | Any, *, train_ids: np.ndarray | None = None,
-                  source: str | None = None) -> None:
-    """Writes ``result`` as long-format Parquet: one row per (train sample, group, how).
-
-    Columns: ``train`` (0-based index), ``group``, ``how``, ``score`` (float64), ``rank`` (int64 position
-    in ascending score order, 0 = most detrimental; ties in train-index order), and ``train_id`` when
-    ``train_ids`` is given. Aggregation settings are stored as JSON under the schema metadata key
-    ``fastinf``. The file is written to a temporary name and renamed, so a crash leaves no partial file.
-    """
-    import json
-    import os
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    n = result.n_train
-    if train_ids is not None and len(train_ids) != n:
-        raise ConfigError(f"train_ids: expected {n} ids, found {len(train_ids)}")
-    cols: dict[str, list[np.ndarray]] = {"train": [], "group": [], "how": [], "score": [], "rank": []}
-    if train_ids is not None:
-        cols["train_id"] = []
-    train = np.arange(n, dtype=np.int64)
-    for (g, h), s in result.scores.items():
-        rank = np.empty(n, np.int64)
-        rank[np.argsort(s, kind="stable")] = train
-        cols["train"].append(train)
-        cols["group"].append(np.full(n, g, dtype=object))
-        cols["how"].append(np.full(n, h, dtype=object))
-        cols["score"].append(np.asarray(s, np.float64))
-        cols["rank"].append(rank)
-        if train_ids is not None:
-            cols["train_id"].append(np.asarray(train_ids))
-    table = pa.table({k: pa.array(np.concatenate(v)) for k, v in cols.items()})
-    meta = {"vote_p": result.vote_p, "vote_k": result.vote_k, "correct_only": result.correct_only,
-            "n_rankers": result.n_rankers, "groups": result.groups, "n_train": n, "source": source,
-            **{k: v for k, v in result.meta.items() if k != "hows"}}
-    table = table.replace_schema_metadata({"fastinf": json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def read_parquet(path: str | Any) -> dict[str, np.ndarray]:
-    """Reads aggregated scores back as ``{"group/how": float64 [N]}`` (ordered by ``train``).
-
-    Accepts the long format of :func:`write_parquet` and a wide format (a ``train`` column, optional,
-    plus one numeric column per scorer; ``rank``/``train_id`` columns are ignored).
-    """
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    names = table.column_names
-    if {"group", "how", "score"} <= set(names):
-        df = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("group", "how", "score")}
-        train = table.column("train").to_numpy() if "train" in names else None
-        out: dict[str, np.ndarray] = {}
-        keys = df["group"].astype(str) + "/" + df["how"].astype(str)
-        for key in dict.fromkeys(keys.tolist()):
-            sel = keys == key
-            s = df["score"][sel].astype(np.float64)
-            if train is not None:
-                t = train[sel]
-                if not np.array_equal(np.sort(t), np.arange(t.size)):
-                    raise ConfigError(f"{path}: rows of {key!r} do not cover train indices 0..{t.size - 1} once each")
-                s = s[np.argsort(t)]
-            out[key] = s
-        return out
-    order = np.argsort(table.column("train").to_numpy()) if "train" in names else None
-    out = {}
-    for c in names:
-        if c in ("train", "rank", "train_id"):
-            continue
-        col = table.column(c).to_numpy(zero_copy_only=False)
-        if col.dtype.kind not in "fiu":
-            continue
-        out[c] = col.astype(np.float64)[order] if order is not None else col.astype(np.float64)
-    if not out:
-        raise ConfigError(f"{path}: expected score columns (long format group/how/score, or numeric columns), "
-                          f"found {names}")
-    return out

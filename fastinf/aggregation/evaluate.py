@@ -72,7 +72,6 @@ def load_noise_mask(path: str | Any, n: int | None = None) -> np.ndarray:
     an object with ``"mask"`` / ``"noise_mask"`` flags, or ``"noisy_indices"`` / ``"indices"`` together
     with ``n``). Validated with :func:`as_noise_mask` when ``n`` is given.
     """
-    import json
     from pathlib import Path
 
     p = Path(path)
@@ -88,26 +87,7 @@ def load_noise_mask(path: str | Any, n: int | None = None) -> np.ndarray:
     elif suffix == ".npy":
         mask = np.load(p)
     elif suffix == ".json":
-        obj = json.loads(p.read_text())
-        if isinstance(obj, dict):
-            flags = obj.get("mask", obj.get("noise_mask"))
-            idx = obj.get("noisy_indices", obj.get("indices"))
-            if flags is None and idx is None:
-                raise ConfigError(f"noise mask {p}: expected a list or an object with 'mask' or 'noisy_indices', "
-                                  f"found keys {sorted(obj)}")
-            if flags is None:
-                size = obj.get("n", n)
-                if size is None:
-                    raise ConfigError(f"noise mask {p}: noisy indices need the number of train samples ('n')")
-                idx = np.asarray(idx, dtype=np.int64)
-                if idx.size and (idx.min() < 0 or idx.max() >= int(size)):
-                    raise ConfigError(f"noise mask {p}: indices must lie in [0, {int(size)}), found "
-                                      f"{int(idx.min())}..{int(idx.max())}")
-                flags = np.zeros(int(size), dtype=bool)
-                flags[idx] = True
-            mask = np.asarray(flags)
-        else:
-            mask = np.asarray(obj)
+        mask = _json_mask(p, n)
     elif suffix in (".txt", ".csv", ""):
         words = p.read_text().replace(",", " ").split()
         table = {"0": False, "1": True, "false": False, "true": True}
@@ -119,6 +99,31 @@ def load_noise_mask(path: str | Any, n: int | None = None) -> np.ndarray:
         raise ConfigError(f"noise mask {p}: unknown format {suffix!r}; use .npz, .npy, .txt or .json")
     mask = np.asarray(mask).reshape(-1)
     return as_noise_mask(mask, n if n is not None else mask.shape[0])
+
+
+def _json_mask(p: Any, n: int | None) -> np.ndarray:
+    """The mask of a ``.json`` noise file: a list of flags, or an object with flags or noisy indices."""
+    import json
+
+    obj = json.loads(p.read_text())
+    if not isinstance(obj, dict):
+        return np.asarray(obj)
+    flags = obj.get("mask", obj.get("noise_mask"))
+    idx = obj.get("noisy_indices", obj.get("indices"))
+    if flags is None and idx is None:
+        raise ConfigError(f"noise mask {p}: expected a list or an object with 'mask' or 'noisy_indices', "
+                          f"found keys {sorted(obj)}")
+    if flags is None:
+        size = obj.get("n", n)
+        if size is None:
+            raise ConfigError(f"noise mask {p}: noisy indices need the number of train samples ('n')")
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= int(size)):
+            raise ConfigError(f"noise mask {p}: indices must lie in [0, {int(size)}), found "
+                              f"{int(idx.min())}..{int(idx.max())}")
+        flags = np.zeros(int(size), dtype=bool)
+        flags[idx] = True
+    return np.asarray(flags)
 
 
 def _check_pct(p: float) -> float:
@@ -341,7 +346,8 @@ def layer_table(
     groups are every single unit (``per_unit=True``) plus ``groups`` (default ``["all"]``), aggregated in
     one pass per method. Extra keyword arguments go to :func:`fastinf.aggregate.aggregate_all`.
     """
-    from fastinf.aggregation.aggregate import _Source, _resolve_groups, aggregate_all
+    from fastinf.aggregation.aggregate import aggregate_all
+    from fastinf.aggregation.sources import _resolve_groups, _Source
 
     _check_pct(at)
     sets = dict(scores) if isinstance(scores, Mapping) else {getattr(scores, "method", "scores"): scores}

@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinf.aggregation.aggregate import aggregate_all, write_parquet
+    from fastinf.aggregation.aggregate import aggregate_all
+    from fastinf.aggregation.parquet import write_parquet
 
     if not str(args.out).endswith(".parquet"):
         raise ConfigError(f"--out: expected a .parquet path, found {args.out!r}")

@@ -68,7 +68,7 @@ def parse_groups(text: str) -> str | list[str]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from fastinf.retrieval.index import build_index
+    from fastinf.retrieval.build import build_index
 
     precond = {k: v for k, v in (("damping", args.damping), ("rank", args.rank)) if v is not None}
     idx = build_index(args.store, layers=args.layers, groups=parse_groups(args.groups),

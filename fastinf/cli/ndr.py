@@ -43,7 +43,8 @@ def _parse_at(text: str) -> list[float]:
 
 def _scorers(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Named final scores (one float64 [N] each) from whatever the input is."""
-    from fastinf.aggregation.aggregate import aggregate_all, read_parquet
+    from fastinf.aggregation.aggregate import aggregate_all
+    from fastinf.aggregation.parquet import read_parquet
 
     p = Path(args.scores)
     if p.suffix == ".parquet":

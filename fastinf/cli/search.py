@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastinf.retrieval.index import search
+    from fastinf.retrieval.search import search
 
     direction = "opponents" if args.opponents else "both" if args.both else "proponents"
     res = search(args.index, args.queries, args.k, store=args.store, direction=direction, nprobe=args.nprobe,

@@ -39,7 +39,7 @@ def print_summary(s: dict) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     s = GradientStore.open(args.path).summary()
     if args.json:
@@ -52,7 +52,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from fastinf.errors import StoreError
-    from fastinf.store.gradient_store import GradientStore
+    from fastinf.store import GradientStore
 
     try:
         problems = GradientStore.open(args.path).verify()

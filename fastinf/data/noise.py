@@ -134,6 +134,27 @@ def inject_noise(labels: Sequence[int] | np.ndarray, rate: float, *, seed: int =
         ConfigError: rate outside ``[0, 1)``, unknown kind, or a malformed transition matrix.
         DataError: empty labels, negative labels, or fewer than two classes.
     """
+    y, n_classes = _checked_labels(labels, n_classes)
+    rate = _check_rate(rate)
+    if kind not in NOISE_KINDS:
+        raise ConfigError(f"unknown noise kind {kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
+    rng = np.random.default_rng(seed)
+    noisy = y.copy()
+    mask = np.zeros(y.size, dtype=bool)
+
+    if kind == "uniform":
+        if class_rates is not None or transition is not None:
+            raise ConfigError("class_rates/transition apply to kind='class_conditional' only")
+        _corrupt_uniform(y, rate, n_classes, rng, noisy, mask)
+    else:
+        _corrupt_class_conditional(y, rate, n_classes, class_rates, transition, rng, noisy, mask)
+
+    return NoiseResult(labels=noisy, clean_labels=y, mask=mask, kind=kind, rate=rate, seed=int(seed),
+                       n_classes=n_classes)
+
+
+def _checked_labels(labels: Sequence[int] | np.ndarray, n_classes: int | None) -> tuple[np.ndarray, int]:
+    """(labels as int64, number of classes): non-empty 1-D integer class ids of at least two classes."""
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
         raise DataError(f"labels must be a non-empty 1-D sequence, got shape {y.shape}")
@@ -149,36 +170,35 @@ def inject_noise(labels: Sequence[int] | np.ndarray, rate: float, *, seed: int =
     if n_classes < 2 or np.unique(y).size < 2:
         raise DataError(f"label noise needs at least two classes; the dataset has only class "
                         f"{int(y[0])}. Check the label column or the sample selection.")
-    rate = _check_rate(rate)
-    if kind not in NOISE_KINDS:
-        raise ConfigError(f"unknown noise kind {kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
-    rng = np.random.default_rng(seed)
-    noisy = y.copy()
-    mask = np.zeros(y.size, dtype=bool)
+    return y, n_classes
 
-    if kind == "uniform":
-        if class_rates is not None or transition is not None:
-            raise ConfigError("class_rates/transition apply to kind='class_conditional' only")
-        k = int(round(rate * y.size))
-        idx = np.sort(rng.choice(y.size, size=k, replace=False))
-        # a label drawn uniformly from the C-1 other classes: shift by 1..C-1 modulo C
-        shift = rng.integers(1, n_classes, size=k)
-        noisy[idx] = (y[idx] + shift) % n_classes
+
+def _corrupt_uniform(y: np.ndarray, rate: float, n_classes: int, rng: np.random.Generator,
+                     noisy: np.ndarray, mask: np.ndarray) -> None:
+    """Corrupt ``round(rate * N)`` samples in place, each to a uniformly drawn other class."""
+    k = int(round(rate * y.size))
+    idx = np.sort(rng.choice(y.size, size=k, replace=False))
+    # a label drawn uniformly from the C-1 other classes: shift by 1..C-1 modulo C
+    shift = rng.integers(1, n_classes, size=k)
+    noisy[idx] = (y[idx] + shift) % n_classes
+    mask[idx] = True
+
+
+def _corrupt_class_conditional(y: np.ndarray, rate: float, n_classes: int,
+                               class_rates: Sequence[float] | None,
+                               transition: np.ndarray | Sequence[Sequence[float]] | None,
+                               rng: np.random.Generator, noisy: np.ndarray, mask: np.ndarray) -> None:
+    """Corrupt each class's share of its samples in place, new labels drawn from its transition row."""
+    rates = ([rate] * n_classes if class_rates is None
+             else [_check_rate(r, f"class rate {c}") for c, r in enumerate(class_rates)])
+    if len(rates) != n_classes:
+        raise ConfigError(f"class_rates needs one rate per class ({n_classes}), got {len(rates)}")
+    t = _default_transition(n_classes) if transition is None else _check_transition(transition, n_classes)
+    for c in range(n_classes):
+        members = np.flatnonzero(y == c)
+        k = int(round(rates[c] * members.size))
+        if k == 0:
+            continue
+        idx = np.sort(rng.choice(members, size=k, replace=False))
+        noisy[idx] = rng.choice(n_classes, size=k, p=t[c])
         mask[idx] = True
-    else:
-        rates = ([rate] * n_classes if class_rates is None
-                 else [_check_rate(r, f"class rate {c}") for c, r in enumerate(class_rates)])
-        if len(rates) != n_classes:
-            raise ConfigError(f"class_rates needs one rate per class ({n_classes}), got {len(rates)}")
-        t = _default_transition(n_classes) if transition is None else _check_transition(transition, n_classes)
-        for c in range(n_classes):
-            members = np.flatnonzero(y == c)
-            k = int(round(rates[c] * members.size))
-            if k == 0:
-                continue
-            idx = np.sort(rng.choice(members, size=k, replace=False))
-            noisy[idx] = rng.choice(n_classes, size=k, p=t[c])
-            mask[idx] = True
-
-    return NoiseResult(labels=noisy, clean_labels=y, mask=mask, kind=kind, rate=rate, seed=int(seed),
-                       n_classes=n_classes)

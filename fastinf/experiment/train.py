@@ -209,6 +209,49 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     y = _labels_of(train)
+    n_classes = _check_classes(y, heldout, n_classes)
+    fit = _setup(model_cfg, cfg, train, y, heldout, seed=seed, n_classes=n_classes)
+    h_loss, h_acc = _held(fit)
+    checkpoints = [_save(fit, Checkpoint(epoch=0, path=str(out / "ckpt-0"), lr=0.0, mean_lr=0.0, step=0,
+                                         train_loss=None, heldout_loss=h_loss, heldout_acc=h_acc))]
+    history: list[dict[str, float]] = []
+    fit.model.train()
+    lengths = np.array([len(r["input_ids"]) for r in fit.rows])
+    for epoch in range(1, cfg.epochs + 1):
+        lrs, losses = _train_epoch(fit, cfg, epoch, seed, lengths if cfg.group_by_length else None, progress)
+        h_loss, h_acc = _held(fit)
+        ck = _save(fit, Checkpoint(epoch=epoch, path=str(out / f"ckpt-{epoch}"), lr=float(lrs[-1]),
+                                   mean_lr=float(np.mean(lrs)), step=fit.step, train_loss=float(np.mean(losses)),
+                                   heldout_loss=h_loss, heldout_acc=h_acc))
+        checkpoints.append(ck)
+        history.append({"epoch": epoch, "train_loss": ck.train_loss, "heldout_loss": h_loss, "heldout_acc": h_acc})
+        log.info("epoch %d: train loss %.4f, held-out loss %s, acc %s", epoch, ck.train_loss, h_loss, h_acc)
+        fit.model.train()
+    result = TrainResult(checkpoints=checkpoints, best_epoch=_select(checkpoints[1:], cfg, heldout),
+                         seconds=time.perf_counter() - t0, out=str(out), history=history)
+    result.save()
+    return result
+
+
+@dataclass
+class _Fit:
+    """What the epochs of one fine-tune share: the model, its encoded data, optimiser and schedule."""
+
+    model: nn.Module
+    tokenizer: Any
+    rows: list[dict[str, list[int]]]
+    y: torch.Tensor
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    heldout: TextSamples | None
+    max_length: int
+    meta_base: dict[str, Any]
+    step: int = 0
+
+
+def _check_classes(y: torch.Tensor, heldout: TextSamples | None, n_classes: int | None) -> int:
+    """The number of classes (given, or observed over train and heldout); refuse empty / one-class training."""
     if y.numel() == 0:
         raise DataError("the training set is empty")
     observed = int(y.max()) + 1 if heldout is None else max(int(y.max()), int(_labels_of(heldout).max())) + 1
@@ -216,6 +259,12 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     if torch.unique(y).numel() < 2:
         raise DataError(f"the training set has a single class ({int(y[0])}); a classifier cannot be trained. "
                         "Check the label column or use a larger / stratified sample.")
+    return n_classes
+
+
+def _setup(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: torch.Tensor,
+           heldout: TextSamples | None, *, seed: int, n_classes: int) -> _Fit:
+    """Build the (seeded) model, encode the training texts, make AdamW and the warmup + decay schedule."""
     model, tokenizer = build_model(model_cfg, n_classes, cfg.lora, seed=seed)
     meta_base = {"model": asdict(model_cfg), "lora": asdict(cfg.lora) if cfg.lora else None,
                  "n_classes": n_classes, "seed": seed}
@@ -226,58 +275,52 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warmup, cfg.schedule))
+    return _Fit(model=model, tokenizer=tokenizer, rows=rows, y=y, params=params, opt=opt, sched=sched,
+                heldout=heldout, max_length=model_cfg.max_length, meta_base=meta_base)
 
-    def held() -> tuple[float | None, float | None]:
-        if heldout is None:
-            return None, None
-        return evaluate_model(model, tokenizer, heldout, max_length=model_cfg.max_length)
 
-    h_loss, h_acc = held()
-    checkpoints = [Checkpoint(epoch=0, path=str(out / "ckpt-0"), lr=0.0, mean_lr=0.0, step=0, train_loss=None,
-                              heldout_loss=h_loss, heldout_acc=h_acc)]
-    save_checkpoint(model, out / "ckpt-0", {**meta_base, **asdict(checkpoints[0])})
-    history: list[dict[str, float]] = []
-    step = 0
-    model.train()
-    lengths = np.array([len(r["input_ids"]) for r in rows])
-    for epoch in range(1, cfg.epochs + 1):
-        batches = epoch_batches(len(rows), cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch),
-                                lengths if cfg.group_by_length else None)
-        lrs, losses = [], []
-        it = batches
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for idx in it:
-            batch = _collate(tokenizer, [rows[i] for i in idx.tolist()], y[idx])
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
-            loss = nn.functional.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-        h_loss, h_acc = held()
-        ck = Checkpoint(epoch=epoch, path=str(out / f"ckpt-{epoch}"), lr=float(lrs[-1]),
-                        mean_lr=float(np.mean(lrs)), step=step, train_loss=float(np.mean(losses)),
-                        heldout_loss=h_loss, heldout_acc=h_acc)
-        save_checkpoint(model, out / f"ckpt-{epoch}", {**meta_base, **asdict(ck)})
-        checkpoints.append(ck)
-        history.append({"epoch": epoch, "train_loss": ck.train_loss, "heldout_loss": h_loss, "heldout_acc": h_acc})
-        log.info("epoch %d: train loss %.4f, held-out loss %s, acc %s", epoch, ck.train_loss, h_loss, h_acc)
-        model.train()
+def _held(fit: _Fit) -> tuple[float | None, float | None]:
+    """Held-out (loss, accuracy), or (None, None) without a held-out set."""
+    if fit.heldout is None:
+        return None, None
+    return evaluate_model(fit.model, fit.tokenizer, fit.heldout, max_length=fit.max_length)
 
-    trained = checkpoints[1:]
+
+def _save(fit: _Fit, ck: Checkpoint) -> Checkpoint:
+    """Write the checkpoint ``ck`` describes (trainable tensors + its metadata); returns ``ck``."""
+    save_checkpoint(fit.model, Path(ck.path), {**fit.meta_base, **asdict(ck)})
+    return ck
+
+
+def _train_epoch(fit: _Fit, cfg: TrainConfig, epoch: int, seed: int, lengths: np.ndarray | None,
+                 progress: bool) -> tuple[list[float], list[float]]:
+    """One epoch of optimizer steps in the seeded batch order; returns the per-step lrs and losses."""
+    batches = epoch_batches(len(fit.rows), cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch),
+                            lengths)
+    lrs, losses = [], []
+    it = batches
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+    for idx in it:
+        batch = _collate(fit.tokenizer, [fit.rows[i] for i in idx.tolist()], fit.y[idx])
+        labels = batch.pop("labels")
+        logits = fit.model(**batch).logits.float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        fit.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(fit.params, cfg.max_grad_norm)
+        lrs.append(fit.opt.param_groups[0]["lr"])
+        fit.opt.step()
+        fit.sched.step()
+        fit.step += 1
+        losses.append(loss.item())
+    return lrs, losses
+
+
+def _select(trained: list[Checkpoint], cfg: TrainConfig, heldout: TextSamples | None) -> int:
+    """The scored epoch: lowest held-out loss (``select == "best"`` with a held-out set), else the last."""
     if cfg.select == "best" and heldout is not None:
-        best = min(trained, key=lambda c: (c.heldout_loss, c.epoch)).epoch
-    else:
-        best = trained[-1].epoch
-    result = TrainResult(checkpoints=checkpoints, best_epoch=best, seconds=time.perf_counter() - t0,
-                         out=str(out), history=history)
-    result.save()
-    return result
+        return min(trained, key=lambda c: (c.heldout_loss, c.epoch)).epoch
+    return trained[-1].epoch

@@ -5,5 +5,6 @@ model with its tokenizer and defines the per-sample loss (``Task``), ``packaged`
 models and ``checkpoint`` rebuilds ``fastinf train`` checkpoints; ``projection`` holds the Kronecker /
 exact feature maps; ``capture`` computes every unit's features from one forward and one backward;
 ``extract`` streams a dataset through capture into a ``GradientStore``; ``plan`` sizes batches and blocks
-for a memory budget. Read ``extract.py`` first, then ``capture.py``.
+for a memory budget, from the byte formulas of ``sizes`` and the activations measured by ``probe``.
+Read ``extract.py`` first, then ``capture.py``.
 """

@@ -210,12 +210,7 @@ def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str
     ids and scoring refuses them unless told to drop them). ``raw_units``: names of units whose raw ``(x, g)`` are also returned in
     ``BatchFeatures.raw`` (e.g. the embedding, for TracIn-WE).
     """
-    if not units:
-        raise ConfigError("features_for_batch needs at least one unit; select() returned none?")
-    task = make_task(task)
-    missing = [u.name for u in units if u.name not in projectors]
-    if missing:
-        raise ConfigError(f"No projector for units {missing[:5]}; build them with make_projectors(units, spec).")
+    task = _checked_task(units, projectors, task)
     try:
         device = next(model.parameters()).device
     except StopIteration as e:
@@ -233,6 +228,33 @@ def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str
         raise ConfigError(f"raw_units {sorted(unknown)[:5]} are not among the selected units.")
     caps = [_UnitCapture(u, get_module(model, u), projectors[u.name], token_mask, u.name in raw_units)
             for u in units]
+    loss, logits, grads = _forward_backward(model, caps, batch, task, B, check_finite)
+    with torch.no_grad():
+        features, raw = _collect_features(caps, grads, B, device)
+        pred, correct = task.predictions(logits.detach() if logits is not None else None, batch)
+    if check_finite:
+        for name, f in features.items():
+            _check_finite(f"features of {name}", f, batch)
+    out_logits = logits.detach().float() if logits is not None and logits.dim() == 2 else None
+    return BatchFeatures(features=features, loss=loss.detach().float(), logits=out_logits,
+                         pred=pred, correct=correct, raw=raw)
+
+
+def _checked_task(units: list[Unit], projectors: dict[str, UnitProjector], task: Task | str) -> Task:
+    """The Task object, once there are units and each has a projector."""
+    if not units:
+        raise ConfigError("features_for_batch needs at least one unit; select() returned none?")
+    task = make_task(task)
+    missing = [u.name for u in units if u.name not in projectors]
+    if missing:
+        raise ConfigError(f"No projector for units {missing[:5]}; build them with make_projectors(units, spec).")
+    return task
+
+
+def _forward_backward(model: nn.Module, caps: list[_UnitCapture], batch: dict[str, Any], task: Task, B: int,
+                      check_finite: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """One hooked forward of the per-sample loss and one ``autograd.grad`` to every captured unit output;
+    returns (loss [B], logits, output gradients in record order). The hooks are always removed."""
     handles = []
     try:
         with frozen_parameters(model), eval_mode(model), torch.enable_grad():
@@ -254,24 +276,23 @@ def features_for_batch(model: nn.Module, units: list[Unit], projectors: dict[str
             if not loss.requires_grad:
                 raise ConfigError("The loss does not depend on any selected unit; check the selection and the task.")
             grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
-        features: dict[str, torch.Tensor] = {}
-        raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        i = 0
-        with torch.no_grad():
-            for c in caps:
-                n = len(c.records)
-                features[c.unit.name] = c.features(list(grads[i:i + n]), B, device)
-                if c.keep_raw:
-                    raw[c.unit.name] = c.raw(list(grads[i:i + n]))
-                i += n
-                c.records.clear()
-            pred, correct = task.predictions(logits.detach() if logits is not None else None, batch)
-        if check_finite:
-            for name, f in features.items():
-                _check_finite(f"features of {name}", f, batch)
-        out_logits = logits.detach().float() if logits is not None and logits.dim() == 2 else None
-        return BatchFeatures(features=features, loss=loss.detach().float(), logits=out_logits,
-                             pred=pred, correct=correct, raw=raw)
+        return loss, logits, grads
     finally:
         for h in handles:
             h.remove()
+
+
+def _collect_features(caps: list[_UnitCapture], grads: tuple, B: int, device: torch.device
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each unit's features (and raw ``(x, g)`` where kept) from its share of ``grads``; clears the records."""
+    features: dict[str, torch.Tensor] = {}
+    raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    i = 0
+    for c in caps:
+        n = len(c.records)
+        features[c.unit.name] = c.features(list(grads[i:i + n]), B, device)
+        if c.keep_raw:
+            raw[c.unit.name] = c.raw(list(grads[i:i + n]))
+        i += n
+        c.records.clear()
+    return features, raw

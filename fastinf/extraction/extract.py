@@ -26,7 +26,7 @@ import torch
 
 from fastinf.data.datasets import TextDataset, as_text_dataset
 from fastinf.errors import ConfigError, DataError
-from fastinf.store.gradient_store import GradientStore, StoreWriter, canonical_dtype
+from fastinf.store import GradientStore, StoreWriter, canonical_dtype
 
 log = logging.getLogger(__name__)
 
@@ -112,64 +112,14 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     Returns:
         The finished, opened GradientStore.
     """
-    from fastinf.extraction.capture import features_for_batch
-    from fastinf.extraction.models import make_task
-    from fastinf.extraction.plan import auto_batch_size, model_max_positions
-    from fastinf.extraction.projection import ProjectionSpec, UnitProjector, feature_dim
-    from fastinf.extraction.units import discover, select
-
-    if max_length <= 0:
-        raise ConfigError(f"max_length must be positive, got {max_length}")
-    if batch_size is not None and batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    dtype = canonical_dtype(dtype)
-    spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
-    task_obj = make_task(task)
-    task_name = getattr(task_obj, "name", str(task))
-    ds = as_text_dataset(dataset, need_labels=task_name != "causal-lm")
-    n = len(ds)
-    n_classes = _num_labels(model) if task_name == "seq-cls" else None
-    if n_classes is not None and ds.labels is not None:
-        bad = np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))
-        if bad.size:
-            raise DataError(f"labels outside the model's {n_classes} classes at rows {bad[:8].tolist()} "
-                            f"(values {np.unique(ds.labels[bad])[:8].tolist()}); fix the labels or load the "
-                            f"model with num_labels={int(ds.labels.max()) + 1}")
-    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    model.eval()
-    all_units = discover(model)
-    units = select(all_units, layers)
-    if token_grads and not any(u.kind == "embedding" for u in units):
-        raise ConfigError("token_grads=True needs the input embedding unit in the selection (add 'first')")
-    positions = model_max_positions(model)
-    if positions is not None and max_length > positions:
-        log.info("max_length %d exceeds the model's %d positions; using %d", max_length, positions, positions)
-        max_length = positions
-    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
-        batch_size = _previous_batch_size(out) or auto_batch_size(
-            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=n)
-    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
-    dims = {u.name: feature_dim(u, spec) for u in units}
-    emb = next((u for u in units if u.kind == "embedding"), None)
-    extras = {}
-    if token_grads:
-        extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
-    identity = {
-        "model": {**model_fingerprint(model), **({"name": model_name} if model_name else {})},
-        "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
-        "task": task_name,
-        "max_length": int(max_length),
-        "batch_size": int(batch_size),
-        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(), "n": n},
-    }
+    _check_sizes(max_length, batch_size)
+    run = _prepare(model, tokenizer, dataset, out, layers=layers, proj=proj, task=task, dtype=dtype,
+                   batch_size=batch_size, max_length=max_length, seed=seed, token_grads=token_grads, device=device)
+    identity = _identity(run, model, model_name)
     rank_, world_, barrier = _dist_info(rank, world)
-    chunk_size = chunk_size or max(batch_size, min(4096, batch_size * 16))
-    writer = StoreWriter(out, identity=identity, units=units, feature_dims=dims, n=n, dtype=dtype,
-                         chunk_size=chunk_size, n_classes=n_classes, extras=extras, resume=resume,
+    chunk_size = chunk_size or max(run.batch_size, min(4096, run.batch_size * 16))
+    writer = StoreWriter(out, identity=identity, units=run.units, feature_dims=run.dims, n=run.n, dtype=run.dtype,
+                         chunk_size=chunk_size, n_classes=run.n_classes, extras=run.extras, resume=resume,
                          overwrite=overwrite, rank=rank_, world=world_, barrier=barrier)
     stats = stats if stats is not None else ExtractStats()
     pending = writer.pending_chunks()
@@ -179,54 +129,189 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     t_start = time.perf_counter()
     try:
         for chunk in pending:
-            a, b = writer.chunk_rows(chunk)
-            feats: dict[str, list[np.ndarray]] = {u.name: [] for u in units}
-            meta: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "label", "loss", "pred", "correct", "logits")}
-            ext: dict[str, list[np.ndarray]] = {k: [] for k in extras}
-            # Batches of similar length (sorted within the chunk) waste little compute on padding; a
-            # sample's features do not depend on its batch-mates, and the order is deterministic.
-            order = _length_sorted_rows(tokenizer, ds, a, b, max_length)
-            for s in range(0, b - a, batch_size):
-                rows = order[s:s + batch_size]
-                t0 = time.perf_counter()
-                batch = {k: v.to(device) for k, v in _tokenize(tokenizer, ds, rows, max_length, task_name).items()}
-                t1 = time.perf_counter()
-                res = features_for_batch(model, units, projectors, batch, task_obj, check_finite=False,
-                                         raw_units={emb.name} if token_grads else None)
-                for name in feats:
-                    feats[name].append(res.features[name].detach().float().cpu().numpy())
-                t2 = time.perf_counter()
-                meta["ids"].append(ds.ids[rows])
-                meta["label"].append(ds.labels[rows] if ds.labels is not None else np.full(len(rows), -1))
-                meta["loss"].append(res.loss.detach().float().cpu().numpy())
-                meta["pred"].append(_np(res.pred, len(rows), -1))
-                meta["correct"].append(_np(res.correct, len(rows), False))
-                if n_classes:
-                    meta["logits"].append(res.logits.detach().float().cpu().numpy())
-                if token_grads:
-                    ids_pad, g_pad = _token_grad_rows(batch, res.raw[emb.name], max_length)
-                    ext["tokens"].append(ids_pad)
-                    ext["embed_grads"].append(g_pad)
-                stats.tokenize_s += t1 - t0
-                stats.compute_s += t2 - t1
-                bar.update(len(rows))
-            t3 = time.perf_counter()
-            back = np.argsort(order, kind="stable")  # rows back into store order
-            writer.write_chunk(chunk, {k: np.concatenate(v)[back] for k, v in feats.items()},
-                               {k: np.concatenate(v)[back] for k, v in meta.items() if v},
-                               {k: np.concatenate(v)[back] for k, v in ext.items()})
-            stats.write_s += time.perf_counter() - t3
-            stats.samples += b - a
+            _extract_chunk(run, model, tokenizer, writer, chunk, stats, bar)
         store = writer.finalize()
     finally:
         writer.close()
         bar.close()
     stats.seconds += time.perf_counter() - t_start
     if store.nonfinite and rank_ == 0:
-        ids = [d["id"] for d in store.nonfinite[:10]]
-        log.warning("%d samples have NaN/inf gradients (ids %s%s); scoring refuses them unless told to drop them",
-                    len(store.nonfinite), ids, " ..." if len(store.nonfinite) > 10 else "")
+        _warn_nonfinite(store)
     return store
+
+
+@dataclass
+class _Run:
+    """The resolved inputs of one extraction: dataset, task, device, units, projectors and sizes."""
+
+    ds: TextDataset
+    n: int
+    task_obj: Any
+    task_name: str
+    n_classes: int | None
+    device: torch.device
+    units: list[Any]
+    emb: Any
+    spec: Any
+    dtype: str
+    max_length: int
+    batch_size: int
+    projectors: dict[str, Any]
+    dims: dict[str, int]
+    extras: dict[str, tuple]
+    token_grads: bool
+
+
+def _check_sizes(max_length: int, batch_size: int | None) -> None:
+    """Reject a non-positive ``max_length`` or ``batch_size``."""
+    if max_length <= 0:
+        raise ConfigError(f"max_length must be positive, got {max_length}")
+    if batch_size is not None and batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+
+
+def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike, *, layers: Any,
+             proj: Any, task: Any, dtype: str, batch_size: int | None, max_length: int, seed: int,
+             token_grads: bool, device: Any) -> _Run:
+    """Resolve the arguments of :func:`extract`: dataset and task, device and units, length, batch, projectors."""
+    from fastinf.extraction.models import make_task
+    from fastinf.extraction.plan import auto_batch_size
+    from fastinf.extraction.projection import ProjectionSpec, UnitProjector, feature_dim
+
+    dtype = canonical_dtype(dtype)
+    spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
+    task_obj = make_task(task)
+    task_name = getattr(task_obj, "name", str(task))
+    ds, n_classes = _dataset_for(model, tokenizer, dataset, task_name)
+    device, units = _units_on_device(model, layers, token_grads, device)
+    max_length = _capped_max_length(model, max_length)
+    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
+        batch_size = _previous_batch_size(out) or auto_batch_size(
+            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=len(ds))
+    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
+    dims = {u.name: feature_dim(u, spec) for u in units}
+    emb = next((u for u in units if u.kind == "embedding"), None)
+    extras = {}
+    if token_grads:
+        extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
+    return _Run(ds=ds, n=len(ds), task_obj=task_obj, task_name=task_name, n_classes=n_classes, device=device,
+                units=units, emb=emb, spec=spec, dtype=dtype, max_length=max_length, batch_size=batch_size,
+                projectors=projectors, dims=dims, extras=extras, token_grads=token_grads)
+
+
+def _dataset_for(model: torch.nn.Module, tokenizer: Any, dataset: Any, task_name: str
+                 ) -> tuple[TextDataset, int | None]:
+    """The TextDataset and the model's class count; labels must fit the classes, the tokenizer must pad."""
+    ds = as_text_dataset(dataset, need_labels=task_name != "causal-lm")
+    n_classes = _num_labels(model) if task_name == "seq-cls" else None
+    if n_classes is not None and ds.labels is not None:
+        bad = np.flatnonzero((ds.labels < 0) | (ds.labels >= n_classes))
+        if bad.size:
+            raise DataError(f"labels outside the model's {n_classes} classes at rows {bad[:8].tolist()} "
+                            f"(values {np.unique(ds.labels[bad])[:8].tolist()}); fix the labels or load the "
+                            f"model with num_labels={int(ds.labels.max()) + 1}")
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ds, n_classes
+
+
+def _units_on_device(model: torch.nn.Module, layers: Any, token_grads: bool, device: Any
+                     ) -> tuple[torch.device, list[Any]]:
+    """Move the model to its device in eval mode and select its units (with the embedding for token_grads)."""
+    from fastinf.extraction.units import discover, select
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    model.eval()
+    all_units = discover(model)
+    units = select(all_units, layers)
+    if token_grads and not any(u.kind == "embedding" for u in units):
+        raise ConfigError("token_grads=True needs the input embedding unit in the selection (add 'first')")
+    return device, units
+
+
+def _capped_max_length(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length``, capped at the model's positions when it has fewer."""
+    from fastinf.extraction.probe import model_max_positions
+
+    positions = model_max_positions(model)
+    if positions is not None and max_length > positions:
+        log.info("max_length %d exceeds the model's %d positions; using %d", max_length, positions, positions)
+        max_length = positions
+    return max_length
+
+
+def _identity(run: _Run, model: torch.nn.Module, model_name: str | None) -> dict:
+    """The store identity: model fingerprint, projection, task, sizes and dataset fingerprint."""
+    spec = run.spec
+    return {
+        "model": {**model_fingerprint(model), **({"name": model_name} if model_name else {})},
+        "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
+        "task": run.task_name,
+        "max_length": int(run.max_length),
+        "batch_size": int(run.batch_size),
+        "dataset": {"name": run.ds.name, "fingerprint": run.ds.fingerprint(), "n": run.n},
+    }
+
+
+def _extract_chunk(run: _Run, model: torch.nn.Module, tokenizer: Any, writer: StoreWriter, chunk: int,
+                   stats: ExtractStats, bar: Any) -> None:
+    """Compute one chunk's rows batch by batch (length-sorted) and write them back in store order."""
+    a, b = writer.chunk_rows(chunk)
+    feats: dict[str, list[np.ndarray]] = {u.name: [] for u in run.units}
+    meta: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "label", "loss", "pred", "correct", "logits")}
+    ext: dict[str, list[np.ndarray]] = {k: [] for k in run.extras}
+    # Batches of similar length (sorted within the chunk) waste little compute on padding; a
+    # sample's features do not depend on its batch-mates, and the order is deterministic.
+    order = _length_sorted_rows(tokenizer, run.ds, a, b, run.max_length)
+    for s in range(0, b - a, run.batch_size):
+        rows = order[s:s + run.batch_size]
+        _extract_batch(run, model, tokenizer, rows, feats, meta, ext, stats)
+        bar.update(len(rows))
+    t3 = time.perf_counter()
+    back = np.argsort(order, kind="stable")  # rows back into store order
+    writer.write_chunk(chunk, {k: np.concatenate(v)[back] for k, v in feats.items()},
+                       {k: np.concatenate(v)[back] for k, v in meta.items() if v},
+                       {k: np.concatenate(v)[back] for k, v in ext.items()})
+    stats.write_s += time.perf_counter() - t3
+    stats.samples += b - a
+
+
+def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.ndarray,
+                   feats: dict[str, list[np.ndarray]], meta: dict[str, list[np.ndarray]],
+                   ext: dict[str, list[np.ndarray]], stats: ExtractStats) -> None:
+    """Tokenize and capture one batch of ``rows``, appending its features, metadata and extras."""
+    from fastinf.extraction.capture import features_for_batch
+
+    ds, emb = run.ds, run.emb
+    t0 = time.perf_counter()
+    batch = {k: v.to(run.device) for k, v in _tokenize(tokenizer, ds, rows, run.max_length, run.task_name).items()}
+    t1 = time.perf_counter()
+    res = features_for_batch(model, run.units, run.projectors, batch, run.task_obj, check_finite=False,
+                             raw_units={emb.name} if run.token_grads else None)
+    for name in feats:
+        feats[name].append(res.features[name].detach().float().cpu().numpy())
+    t2 = time.perf_counter()
+    meta["ids"].append(ds.ids[rows])
+    meta["label"].append(ds.labels[rows] if ds.labels is not None else np.full(len(rows), -1))
+    meta["loss"].append(res.loss.detach().float().cpu().numpy())
+    meta["pred"].append(_np(res.pred, len(rows), -1))
+    meta["correct"].append(_np(res.correct, len(rows), False))
+    if run.n_classes:
+        meta["logits"].append(res.logits.detach().float().cpu().numpy())
+    if run.token_grads:
+        ids_pad, g_pad = _token_grad_rows(batch, res.raw[emb.name], run.max_length)
+        ext["tokens"].append(ids_pad)
+        ext["embed_grads"].append(g_pad)
+    stats.tokenize_s += t1 - t0
+    stats.compute_s += t2 - t1
+
+
+def _warn_nonfinite(store: GradientStore) -> None:
+    """Log the samples whose gradients hold NaN/inf (scoring refuses them unless told to drop them)."""
+    ids = [d["id"] for d in store.nonfinite[:10]]
+    log.warning("%d samples have NaN/inf gradients (ids %s%s); scoring refuses them unless told to drop them",
+                len(store.nonfinite), ids, " ..." if len(store.nonfinite) > 10 else "")
 
 
 def _length_sorted_rows(tokenizer: Any, ds: TextDataset, a: int, b: int, max_length: int) -> np.ndarray:

@@ -200,6 +200,28 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
     (AutoModelForCausalLM). GGUF checkpoints are dequantised by transformers (``gguf_file``).
     A tokenizer without a pad token gets its EOS token as pad, and the model config is told.
     """
+    dtype = _checked_load_args(task, num_labels, dtype)
+    from fastinf.extraction.checkpoint import is_fastinf_checkpoint  # noqa: PLC0415
+
+    if is_fastinf_checkpoint(name_or_path):  # a `fastinf train` checkpoint (trainable tensors + recipe)
+        from fastinf.extraction.checkpoint import load_checkpoint  # noqa: PLC0415
+
+        model, tok = load_checkpoint(name_or_path)
+        if task != "seq-cls":
+            raise ConfigError(f"{name_or_path} is a fastinf sequence-classification checkpoint; use task='seq-cls'.")
+        return model.to(device=device, dtype=dtype).eval(), tok
+    model, tok = _load_hf(name_or_path, task, num_labels, dtype, gguf_file)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _checked_load_args(task: str, num_labels: int | None, dtype: torch.dtype | str) -> torch.dtype:
+    """Validate the task and ``num_labels`` of :func:`load_model`; the torch dtype named by ``dtype``."""
     if task not in TASK_NAMES:
         raise ConfigError(f"load_model task must be one of {TASK_NAMES}, got {task!r}.")
     if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
@@ -211,15 +233,12 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
                      "float64": torch.float64}[dtype.lower()]
         except KeyError as e:
             raise ConfigError(f"Unknown dtype {dtype!r}; expected float32, bfloat16, float16 or float64.") from e
-    from fastinf.extraction.checkpoint import is_fastinf_checkpoint  # noqa: PLC0415
+    return dtype
 
-    if is_fastinf_checkpoint(name_or_path):  # a `fastinf train` checkpoint (trainable tensors + recipe)
-        from fastinf.extraction.checkpoint import load_checkpoint  # noqa: PLC0415
 
-        model, tok = load_checkpoint(name_or_path)
-        if task != "seq-cls":
-            raise ConfigError(f"{name_or_path} is a fastinf sequence-classification checkpoint; use task='seq-cls'.")
-        return model.to(device=device, dtype=dtype).eval(), tok
+def _load_hf(name_or_path: str | os.PathLike, task: str, num_labels: int | None, dtype: torch.dtype,
+             gguf_file: str | None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from transformers: a Hub id, a local directory or a packaged model (GGUF too)."""
     import transformers as tf  # noqa: PLC0415 - heavy import kept out of `import fastinf`
 
     path, packaged_gguf = packaged_model_path(str(name_or_path))
@@ -243,10 +262,4 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
     except (OSError, ValueError) as e:
         raise ConfigError(f"Cannot load model {str(name_or_path)!r} for task {task!r}: {e}. Expected a Hub id "
                           "(cached, since runs are offline), a local directory, 'minilm' or 'smollm2'.") from e
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
-        model.config.pad_token_id = tok.pad_token_id
-    model.to(device)
-    model.eval()
     return model, tok

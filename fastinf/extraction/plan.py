@@ -29,72 +29,28 @@ The "device memory" is the GPU's total memory on CUDA, else the memory available
 (psutil); a safety ``fraction`` (default 0.8) of it is the budget that safe sizes must fit in.
 ``auto_batch_size`` and ``auto_block_size`` are the helpers extraction and scoring call when the user
 gives no size.
+
+This module holds the plan itself (:class:`Plan`, :class:`UnitPlan`, :func:`plan` and the ``auto_*``
+helpers); the byte formulas live in :mod:`fastinf.extraction.sizes` and the probe in
+:mod:`fastinf.extraction.probe`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fastinf.errors import ConfigError
+from fastinf.extraction.probe import probe_activation_bytes
+from fastinf.extraction.sizes import (META_BYTES_PER_SAMPLE, MAX_BATCH, _ITEMSIZE, _agg_bytes, _analytic_activation_bytes,
+                                      _capture_bytes, _largest_batch, _largest_block, _precond_bytes, _score_bytes,
+                                      device_memory_bytes, format_bytes, parse_bytes)
 
 __all__ = ["UnitPlan", "Plan", "plan", "auto_batch_size", "auto_block_size", "device_memory_bytes",
            "parse_bytes", "format_bytes", "probe_activation_bytes"]
 
-META_BYTES_PER_SAMPLE = 8 + 8 + 4 + 8 + 1   # ids, label, loss, pred, correct (see fastinf.store)
 DEFAULT_FRACTION = 0.8
-MAX_BATCH = 4096
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _PRECOND_METHODS = ("identity", "graddot", "gradcos", "tracin", "if", "datainf", "lissa")
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """``"16G"``, ``"512MiB"``, ``"3.5GB"`` or a number of bytes -> bytes (binary units: G = 2**30)."""
-    if isinstance(text, (int, float)):
-        if text <= 0:
-            raise ConfigError(f"memory size must be positive, got {text}")
-        return int(text)
-    s = str(text).strip().upper().replace("IB", "").replace("B", "")
-    mult = 1
-    for suffix, m in (("K", 2**10), ("M", 2**20), ("G", 2**30), ("T", 2**40)):
-        if s.endswith(suffix):
-            s, mult = s[:-1], m
-            break
-    try:
-        val = float(s)
-    except ValueError:
-        raise ConfigError(f"cannot read memory size {text!r}; expected e.g. '16G', '512M' or a byte count") from None
-    if val <= 0:
-        raise ConfigError(f"memory size must be positive, got {text!r}")
-    return int(val * mult)
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size (``1.5 GiB``)."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def device_memory_bytes(device: Any = None) -> int:
-    """Total memory of a CUDA ``device``, else the memory currently available to this process (CPU)."""
-    import torch
-
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        free, total = torch.cuda.mem_get_info(dev)
-        return int(total)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a test dependency, not a runtime one
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 @dataclass(frozen=True)
@@ -257,127 +213,6 @@ class Plan:
         return self.table()
 
 
-# ---------------------------------------------------------------------------------------------- models
-
-def _score_bytes(k: int, m: int, b: int, dtype: str) -> int:
-    """One unit's scoring block: raw rows, float32 and float64 copies of them, float64 test features
-    (and their float32 preconditioned source), the float64 product and the float32 block written."""
-    return b * k * (_ITEMSIZE[dtype] + 4 + 8) + m * k * (4 + 8) + m * b * (8 + 4)
-
-
-def _largest_block(ks: Sequence[int], m: int, dtype: str, budget: int, precond_bytes: int = 0) -> int:
-    """Largest train block ``b`` whose worst unit's scoring memory plus ``precond_bytes`` fits ``budget``."""
-    per_row = max(_score_bytes(k, m, 1, dtype) - _score_bytes(k, m, 0, dtype) for k in ks)
-    fixed = max(_score_bytes(k, m, 0, dtype) for k in ks) + precond_bytes
-    return int(max(0, (budget - fixed) // per_row))
-
-
-def _largest_batch(free: int, per_sample: int, chunk_row: int, chunk_size: int | None) -> int:
-    """Largest batch ``B`` (<= MAX_BATCH) with ``B * per_sample + chunk * chunk_row <= free``; the chunk
-    is ``chunk_size`` or extraction's default of 16 batches (at most 4096 rows, at least one batch)."""
-    best, lo, hi = 0, 1, MAX_BATCH
-    while lo <= hi and free > 0:
-        mid = (lo + hi) // 2
-        c = chunk_size or max(mid, min(4096, mid * 16))
-        if mid * per_sample + c * chunk_row <= free:
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    return best
-
-
-def _agg_bytes(n: int, rows: int) -> int:
-    """A slab of ``rows x N`` float32 scores, its float64 doubled ranks and argsort indices (int64),
-    plus per-atom accumulators (two float64 N-vectors)."""
-    return rows * n * (4 + 8 + 8) + 2 * 8 * n
-
-
-def _precond_bytes(method: str, k: int, rank: int | None) -> int:
-    if method in ("identity", "graddot", "gradcos", "tracin"):
-        return 0
-    if method == "if" and rank is not None and rank < k:
-        return 8 * k * rank + 8 * rank
-    return 8 * k * k  # exact IF inverse, DataInf's k x k operator, LiSSA's dense scratch
-
-
-def _capture_bytes(unit: Any, spec: Any, T: int) -> int:
-    """Bytes per sample the capture holds outside autograd's saved tensors (one call of the unit)."""
-    if unit.kind == "embedding":
-        x = 8 * T                                   # token ids (int64)
-    elif spec.kind == "kron":
-        x = 4 * T * spec.k_in                       # P_in [x, 1] projected inside the forward hook
-    else:
-        x = 4 * T * unit.d_in                       # raw x for exact projection
-    g = 4 * T * unit.d_out                          # output gradient returned by autograd.grad
-    if spec.kind == "exact":
-        out = 4 * unit.exact_dim                    # the exact feature row
-    else:
-        out = 4 * (T * spec.k_out + spec.k_out * spec.k_in)  # P_out g and the feature row
-    return x + g + out
-
-
-def model_max_positions(model: Any) -> int | None:
-    """The longest sequence the model accepts (``max_position_embeddings`` / ``n_positions``), if known."""
-    cfg = getattr(model, "config", None)
-    vals = [getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions")]
-    vals = [int(v) for v in vals if isinstance(v, int) and v > 0]
-    return min(vals) if vals else None
-
-
-def probe_activation_bytes(model: Any, units: Sequence[Any], spec: Any, max_length: int,
-                           task: Any = "seq-cls", sizes: tuple[int, int] = (2, 4)) -> int:
-    """Bytes autograd saves per sample when capturing ``units`` at ``max_length`` tokens (measured).
-
-    Runs ``features_for_batch`` on two random full-length batches under ``saved_tensors_hooks`` and
-    returns the per-sample slope of the distinct saved storages (parameters and buffers excluded).
-    """
-    import torch
-
-    from fastinf.extraction.capture import features_for_batch
-    from fastinf.extraction.models import make_task
-    from fastinf.extraction.projection import UnitProjector
-
-    task = make_task(task)
-    max_length = min(max_length, model_max_positions(model) or max_length)
-    device = next(model.parameters()).device
-    fixed = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
-    cfg = getattr(model, "config", None)
-    vocab = int(getattr(cfg, "vocab_size", 0) or max((u.d_in for u in units if u.kind == "embedding"), default=2))
-    n_labels = int(getattr(cfg, "num_labels", 2) or 2)
-    gen = torch.Generator().manual_seed(0)
-    measured = []
-    for b in sizes:
-        ids = torch.randint(1, max(2, vocab), (b, max_length), generator=gen)
-        batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-        if task.name == "causal-lm":
-            batch["labels"] = batch["input_ids"]
-        else:
-            batch["labels"] = torch.randint(0, n_labels, (b,), generator=gen).to(device)
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                st = t.untyped_storage()
-                ptr = st.data_ptr()
-                if ptr not in fixed and ptr not in seen:
-                    seen[ptr] = st.nbytes()
-            except (RuntimeError, NotImplementedError):
-                pass
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            features_for_batch(model, list(units), projectors, batch, task)
-        measured.append(sum(seen.values()))
-    slope = (measured[1] - measured[0]) / (sizes[1] - sizes[0])
-    return max(0, int(math.ceil(slope)))
-
-
-def _analytic_activation_bytes(units: Sequence[Any], T: int) -> int:
-    return sum(2 * 4 * T * (u.d_in + u.d_out) for u in units if u.kind != "embedding") + \
-        sum(2 * 4 * T * u.d_out for u in units if u.kind == "embedding")
-
-
 # ---------------------------------------------------------------------------------------------- entry
 
 def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: str | Any = "16x16", *,
@@ -403,10 +238,34 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
     """
     import torch
 
-    from fastinf.extraction.projection import ProjectionSpec, feature_dim
-    from fastinf.store.gradient_store import canonical_dtype
-    from fastinf.extraction.units import discover, select
+    from fastinf.extraction.projection import ProjectionSpec
+    from fastinf.store import canonical_dtype
 
+    _check_plan_args(n, m, max_length, fraction, method)
+    dtype = canonical_dtype(dtype)
+    spec = ProjectionSpec.parse(proj) if not isinstance(proj, ProjectionSpec) else proj
+    model = model_or_units if isinstance(model_or_units, torch.nn.Module) else None
+    all_units, units = _plan_units(model, model_or_units, layers)
+    T = int(max_length)
+    notes: list[str] = []
+    param_bytes, dev, act, source = _model_costs(model, all_units, units, spec, T, task, device, probe, notes)
+    mem = parse_bytes(device_memory) if device_memory is not None else device_memory_bytes(dev)
+    budget = int(mem * fraction)
+    rows = _unit_rows(units, spec, n, m, _ITEMSIZE[dtype], method, rank, T)
+    safe_batch, bs, cs = _extraction_sizes(rows, act, param_bytes, budget, n, _ITEMSIZE[dtype], batch_size,
+                                           chunk_size, notes)
+    safe_block, blk, rows, pre_max = _scoring_sizes(rows, m, n, dtype, budget, block_size, notes)
+    agg_rows = _aggregation_rows(n, m, budget, pre_max, notes)
+    p = Plan(units=rows, n=int(n), m=int(m), dtype=dtype, proj=str(spec), method=method, rank=rank,
+             max_length=T, device=dev, device_memory=int(mem), fraction=float(fraction),
+             param_bytes=int(param_bytes), activation_bytes_per_sample=int(act), activation_source=source,
+             chunk_size=int(cs), batch_size=bs, block_size=blk, safe_batch_size=int(safe_batch),
+             safe_block_size=int(safe_block), agg_block_rows=agg_rows, notes=notes)
+    return p
+
+
+def _check_plan_args(n: int, m: int, max_length: int, fraction: float, method: str) -> None:
+    """Reject non-positive counts and lengths, a fraction outside (0, 1] and an unknown method."""
     if n <= 0 or m <= 0:
         raise ConfigError(f"n and m must be positive sample counts, got n={n}, m={m}")
     if max_length <= 0:
@@ -415,9 +274,12 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     if method not in _PRECOND_METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(_PRECOND_METHODS)}")
-    dtype = canonical_dtype(dtype)
-    spec = ProjectionSpec.parse(proj) if not isinstance(proj, ProjectionSpec) else proj
-    model = model_or_units if isinstance(model_or_units, torch.nn.Module) else None
+
+
+def _plan_units(model: Any, model_or_units: Any, layers: Any) -> tuple[list[Any], list[Any]]:
+    """(all units, selected units): discovered from the model or given, then selected by ``layers``."""
+    from fastinf.extraction.units import discover, select
+
     all_units = discover(model) if model is not None else list(model_or_units)
     if not all_units:
         raise ConfigError("plan needs a model or a non-empty list of units")
@@ -425,8 +287,13 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
         units = list(layers)  # already-selected Unit objects
     else:
         units = select(all_units, layers)
-    T = int(max_length)
-    notes: list[str] = []
+    return all_units, units
+
+
+def _model_costs(model: Any, all_units: list[Any], units: list[Any], spec: Any, T: int, task: Any,
+                 device: Any, probe: bool, notes: list[str]) -> tuple[int, str, int, str]:
+    """(parameter bytes, device name, activation bytes per sample, their source "probe" | "analytic")."""
+    import torch
 
     if model is not None:
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
@@ -442,11 +309,14 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         act, source = _analytic_activation_bytes(all_units, T), "analytic"
         notes.append("no model given: activations are an analytic estimate; pass the model for a measured probe")
-    dev = str(torch.device(dev))
-    mem = parse_bytes(device_memory) if device_memory is not None else device_memory_bytes(dev)
-    budget = int(mem * fraction)
+    return param_bytes, str(torch.device(dev)), act, source
 
-    item = _ITEMSIZE[dtype]
+
+def _unit_rows(units: list[Any], spec: Any, n: int, m: int, item: int, method: str, rank: int | None,
+               T: int) -> list[UnitPlan]:
+    """One :class:`UnitPlan` per selected unit (``score_bytes_per_block`` filled in once the block is known)."""
+    from fastinf.extraction.projection import feature_dim
+
     rows: list[UnitPlan] = []
     for u in units:
         k = feature_dim(u, spec)
@@ -455,9 +325,13 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
             bytes_per_sample=k * item, store_bytes=n * k * item, test_store_bytes=m * k * item,
             precond_bytes=_precond_bytes(method, k, rank), capture_bytes_per_sample=_capture_bytes(u, spec, T),
             score_bytes_per_block=0))
-    feat_total = sum(r.feature_dim for r in rows)
+    return rows
 
-    # --- extraction: largest B with params + B*(act + capture) + chunk buffers <= budget
+
+def _extraction_sizes(rows: list[UnitPlan], act: int, param_bytes: int, budget: int, n: int, item: int,
+                      batch_size: int | None, chunk_size: int | None, notes: list[str]) -> tuple[int, int, int]:
+    """(largest safe batch, batch used, chunk used): params + B*(act + capture) + chunk buffers <= budget."""
+    feat_total = sum(r.feature_dim for r in rows)
     per_sample = act + sum(r.capture_bytes_per_sample for r in rows)
     chunk_row = feat_total * (4 + 4 + item) + 2 * META_BYTES_PER_SAMPLE
     safe_batch = _largest_batch(budget - param_bytes, per_sample, chunk_row, chunk_size)
@@ -467,8 +341,13 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
                      f"{format_bytes(budget)} budget: shorten max_length, select fewer units or use a larger device")
     bs = int(batch_size) if batch_size is not None else max(1, safe_batch)
     cs = int(chunk_size) if chunk_size is not None else max(bs, min(4096, bs * 16))
+    return safe_batch, bs, cs
 
-    # --- scoring: largest train block b with the worst unit's block + its preconditioner <= budget
+
+def _scoring_sizes(rows: list[UnitPlan], m: int, n: int, dtype: str, budget: int, block_size: int | None,
+                   notes: list[str]) -> tuple[int, int, list[UnitPlan], int]:
+    """(largest safe block, block used, rows with their block cost, largest preconditioner): the worst
+    unit's train block plus its preconditioner must fit the budget."""
     pre_max = max((r.precond_bytes for r in rows), default=0)
     safe_block = min(_largest_block([r.feature_dim for r in rows], m, dtype, budget, pre_max), n)
     if safe_block < 1:
@@ -476,20 +355,18 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
                      f"exceed the {format_bytes(budget)} budget; score the test set in parts")
     blk = int(block_size) if block_size is not None else max(1, safe_block)
     rows = [dataclasses.replace(r, score_bytes_per_block=_score_bytes(r.feature_dim, m, blk, dtype)) for r in rows]
+    return safe_block, blk, rows, pre_max
 
-    # --- aggregation: test rows per slab
+
+def _aggregation_rows(n: int, m: int, budget: int, pre_max: int, notes: list[str]) -> int:
+    """Test rows per aggregation slab; notes when one row, or the preconditioner, exceeds the budget."""
     agg_rows = int(max(1, min(m, 256, (budget - 16 * n) // max(1, 20 * n))))
     if _agg_bytes(n, 1) > budget:
         notes.append(f"aggregating one test row over N={n:,} train samples needs {format_bytes(_agg_bytes(n, 1))}, "
                      f"more than the {format_bytes(budget)} budget")
     if pre_max and pre_max > budget:
         notes.append(f"preconditioner of {format_bytes(pre_max)} exceeds the budget: use rank=r low-rank IF")
-    p = Plan(units=rows, n=int(n), m=int(m), dtype=dtype, proj=str(spec), method=method, rank=rank,
-             max_length=T, device=dev, device_memory=int(mem), fraction=float(fraction),
-             param_bytes=int(param_bytes), activation_bytes_per_sample=int(act), activation_source=source,
-             chunk_size=int(cs), batch_size=bs, block_size=blk, safe_batch_size=int(safe_batch),
-             safe_block_size=int(safe_block), agg_block_rows=agg_rows, notes=notes)
-    return p
+    return agg_rows
 
 
 def auto_batch_size(model: Any, units: Sequence[Any] | str | None, proj: Any = "16x16", *, max_length: int = 128,
@@ -510,7 +387,7 @@ def auto_block_size(feature_dims: Sequence[int], m: int, *, n: int, dtype: str =
                     precond_bytes: int = 0, device: Any = None, device_memory: int | str | None = None,
                     fraction: float = DEFAULT_FRACTION, cap: int = 65536) -> int:
     """The largest safe scoring train block (rows) for units of ``feature_dims`` against ``m`` tests."""
-    from fastinf.store.gradient_store import canonical_dtype
+    from fastinf.store import canonical_dtype
 
     dtype = canonical_dtype(dtype)
     mem = parse_bytes(device_memory) if device_memory is not None else device_memory_bytes(device)

@@ -175,6 +175,20 @@ def discover(model: nn.Module) -> list[Unit]:
     Linear layers outside any block that are neither pooler nor head get block L and role "extra";
     unrecognised linear layers inside a block get role "other".
     """
+    emb, raw = _unit_modules(model)
+    blocks = [b for n, _ in raw if (b := _block_of(n)) is not None]
+    L = (max(blocks) + 1) if blocks else 0
+
+    units: list[tuple[tuple, Unit]] = []
+    for order, (name, mod) in enumerate(raw):
+        unit = _make_unit(name, mod, emb, L)
+        units.append(((unit.block, order), unit))
+    units.sort(key=lambda t: t[0])
+    return [u for _, u in units]
+
+
+def _unit_modules(model: nn.Module) -> tuple[nn.Module | None, list[tuple[str, nn.Module]]]:
+    """(input embedding, [(name, module)] of every candidate unit in module order); raises if none."""
     emb = _input_embedding(model)
     raw: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
@@ -185,43 +199,45 @@ def discover(model: nn.Module) -> list[Unit]:
     if not raw:
         raise ConfigError(f"No influence units found in {type(model).__name__}: expected nn.Linear, HF Conv1D "
                           "or an input nn.Embedding; is this a torch language model?")
-    blocks = [b for n, _ in raw if (b := _block_of(n)) is not None]
-    L = (max(blocks) + 1) if blocks else 0
+    return emb, raw
 
-    units: list[tuple[tuple, Unit]] = []
-    for order, (name, mod) in enumerate(raw):
-        block = _block_of(name)
-        bias = getattr(mod, "bias", None) is not None
-        if mod is emb:
-            unit = Unit(name, "embedding", -1, "embed", d_out=mod.embedding_dim, d_in=mod.num_embeddings, bias=False)
-        else:
-            if _is_conv1d(mod):
-                d_in, d_out = mod.weight.shape
-                transposed = True
-            else:
-                d_out, d_in = mod.out_features, mod.in_features
-                transposed = False
-            lora = _LORA_RE.match(name)
-            if lora is not None:
-                ab = lora.group("ab").lower()
-                kind = f"lora_{ab}"
-                base_role = _role_in_block(lora.group("base")) if block is not None else "head"
-                role = f"{base_role}.lora_{ab}"
-                block = L if block is None else block
-            elif block is not None:
-                path = name[:-len(".base_layer")] if name.endswith(".base_layer") else name
-                kind, role = "linear", _role_in_block(path)
-            elif _POOLER_RE.search(name):
-                kind, role, block = "linear", "pooler", L
-            else:
-                path = name[:-len(".base_layer")] if name.endswith(".base_layer") else name
-                parts = path.split(".")
-                is_head = any(p in _HEAD_NAMES for p in parts) or "modules_to_save" in parts
-                kind, role, block = ("head", "head", L) if is_head else ("linear", "extra", L)
-            unit = Unit(name, kind, block, role, d_out=d_out, d_in=d_in, bias=bias, transposed=transposed)
-        units.append(((unit.block, order), unit))
-    units.sort(key=lambda t: t[0])
-    return [u for _, u in units]
+
+def _make_unit(name: str, mod: nn.Module, emb: nn.Module | None, L: int) -> Unit:
+    """The Unit of one module: embedding, or a linear / Conv1D with its kind, block and role."""
+    block = _block_of(name)
+    bias = getattr(mod, "bias", None) is not None
+    if mod is emb:
+        return Unit(name, "embedding", -1, "embed", d_out=mod.embedding_dim, d_in=mod.num_embeddings, bias=False)
+    if _is_conv1d(mod):
+        d_in, d_out = mod.weight.shape
+        transposed = True
+    else:
+        d_out, d_in = mod.out_features, mod.in_features
+        transposed = False
+    kind, role, block = _kind_role_block(name, block, L)
+    return Unit(name, kind, block, role, d_out=d_out, d_in=d_in, bias=bias, transposed=transposed)
+
+
+def _kind_role_block(name: str, block: int | None, L: int) -> tuple[str, str, int]:
+    """(kind, role, block) of a linear unit: LoRA factor, block layer, pooler, head or extra."""
+    lora = _LORA_RE.match(name)
+    if lora is not None:
+        ab = lora.group("ab").lower()
+        kind = f"lora_{ab}"
+        base_role = _role_in_block(lora.group("base")) if block is not None else "head"
+        role = f"{base_role}.lora_{ab}"
+        block = L if block is None else block
+    elif block is not None:
+        path = name[:-len(".base_layer")] if name.endswith(".base_layer") else name
+        kind, role = "linear", _role_in_block(path)
+    elif _POOLER_RE.search(name):
+        kind, role, block = "linear", "pooler", L
+    else:
+        path = name[:-len(".base_layer")] if name.endswith(".base_layer") else name
+        parts = path.split(".")
+        is_head = any(p in _HEAD_NAMES for p in parts) or "modules_to_save" in parts
+        kind, role, block = ("head", "head", L) if is_head else ("linear", "extra", L)
+    return kind, role, block
 
 
 def n_blocks(units: Sequence[Unit]) -> int:
@@ -286,6 +302,12 @@ def _term_matcher(term: str, units: Sequence[Unit], L: int):
     """A predicate on units for one selector term; raises SelectorError for an unknown term."""
     t = term.strip()
     low = t.lower()
+    pred = _position_matcher(term, t, low, L)
+    return pred if pred is not None else _name_matcher(term, t, low, units)
+
+
+def _position_matcher(term: str, t: str, low: str, L: int):
+    """A predicate for a depth term (all, first, last, middle, block[i], blocks[a:b], q1..q4), else None."""
     if low == "all":
         return lambda u: True
     if low == "first":
@@ -309,6 +331,11 @@ def _term_matcher(term: str, units: Sequence[Unit], L: int):
     if m:
         q = int(m.group(1)) - 1
         return lambda u: 0 <= u.block < L and (4 * u.block) // max(L, 1) == q
+    return None
+
+
+def _name_matcher(term: str, t: str, low: str, units: Sequence[Unit]):
+    """A predicate for a kind, regex, glob, role or unit-name term; raises SelectorError for an unknown term."""
     if low in _KIND_TERMS:
         kinds = _KIND_TERMS[low]
         return lambda u: u.kind in kinds

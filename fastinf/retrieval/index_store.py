@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fastinf.errors import StoreError, StoreMismatchError
-from fastinf.store.gradient_store import atomic_write_json
+from fastinf.store import atomic_write_json
 
 INDEX_FORMAT = "fastinf-index"
 INDEX_FORMAT_VERSION = 1

@@ -36,12 +36,18 @@ Approximation bound versus full aggregation over all N rows (with exact per-grou
   can be missed. It is exact when ``k = N``.
 
 So with ``k = N`` all three equal full aggregation (tested in tests/test_retrieval_aggregation.py).
+
+``_aggregate_block`` applies this to one block of queries of an ``Index.search``: union, exact scores of
+every group, aggregate, top-k, as a ``SearchResult``.
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import numpy as np
 
 from fastinf.errors import ConfigError
+from fastinf.retrieval.results import SearchResult
 
 HOWS = ("mean", "rank", "vote")
 
@@ -91,3 +97,35 @@ def reported_scores(oriented_agg: np.ndarray, how: str, direction: str, n_train:
     if how == "rank":
         return (n_train - 1) - oriented_agg
     return -oriented_agg
+
+
+def _aggregate_block(index: Any, a: int, qvs: Mapping[str, np.ndarray], lists: Mapping[str, tuple],
+                     direction: str, sign: float, k: int, how: str, vote_p: float, qids: np.ndarray,
+                     train_ids: np.ndarray) -> SearchResult:
+    """Per query: union of the groups' top-k lists, exact scores for all groups, aggregate, top-k.
+
+    ``index`` is the searching :class:`fastinf.retrieval.index.Index` (its groups, ``n`` and exact scores).
+    """
+    m = next(iter(qvs.values())).shape[0]
+    union = [np.unique(np.concatenate([lists[g.name][0][i] for g in index.groups])) for i in range(m)]
+    union = [u[u >= 0] for u in union]
+    width = max((len(u) for u in union), default=0)
+    cand = np.full((m, width), -1, dtype=np.int64)
+    for i, u in enumerate(union):
+        cand[i, :len(u)] = u
+    scores = np.stack([index.exact_scores(g, qvs[g.name], cand) for g in index.groups])  # (R, m, width)
+    label = f"{how}({'+'.join(g.name for g in index.groups)})" if len(index.groups) <= 4 else \
+        f"{how}({len(index.groups)} groups)"
+    q_rows, t_rows, ranks, vals = [], [], [], []
+    for i, u in enumerate(union):
+        agg = aggregate_union(sign * scores[:, i, :len(u)], index.n, how, p=vote_p)
+        order = np.lexsort((u, -agg))[:k]
+        q_rows.append(np.full(len(order), a + i))
+        t_rows.append(u[order])
+        ranks.append(np.arange(len(order)))
+        vals.append(reported_scores(agg[order], how, direction, index.n))
+    qr = np.concatenate(q_rows) if q_rows else np.empty(0, np.int64)
+    tr = np.concatenate(t_rows) if t_rows else np.empty(0, np.int64)
+    return SearchResult(qr, qids[qr], tr, train_ids[tr], np.concatenate(ranks) if ranks else tr,
+                        np.concatenate(vals) if vals else np.empty(0), np.full(len(qr), label, object),
+                        np.full(len(qr), direction, object))

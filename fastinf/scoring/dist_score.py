@@ -41,7 +41,16 @@ import numpy as np
 import torch
 
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
-from fastinf.store.gradient_store import WriterLock, read_progress_records, storage_error
+from fastinf.scoring.dist_output import (
+    FORMAT,
+    MANIFEST,
+    PROGRESS,
+    _ColumnWriter,
+    _finish,
+    _prepare_output,
+    _read_progress,
+)
+from fastinf.store import WriterLock, storage_error
 
 __all__ = ["score_distributed", "train_blocks", "owner_of", "PAIRWISE_METHODS", "main"]
 
@@ -49,9 +58,6 @@ log = logging.getLogger(__name__)
 
 PAIRWISE_METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
 _CURVATURE = {"graddot": "identity", "gradcos": "identity", "if": "if", "datainf": "datainf", "lissa": "lissa"}
-MANIFEST = "manifest.json"
-PROGRESS = "progress"
-FORMAT = "fastinf-dist-score-v1"
 
 
 def train_blocks(n_cols: int, block_size: int) -> list[tuple[int, int]]:
@@ -88,15 +94,6 @@ def _dist(shard: tuple[int, int] | None) -> _Dist:
     return _Dist(0, 1, barrier)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _keep_mask(store: Any, drop: bool, side: str) -> np.ndarray:
     """Rows to score: all, minus those the store recorded as NaN/inf (refused unless ``drop``)."""
     keep = np.ones(store.n, dtype=bool)
@@ -111,51 +108,6 @@ def _keep_mask(store: Any, drop: bool, side: str) -> np.ndarray:
     if not keep.any():
         raise StoreError(f"no {side} sample is left after dropping samples with NaN/inf features")
     return keep
-
-
-def _read_progress(path: Path) -> set[tuple[int, int]]:
-    """(unit index, block) pairs recorded as written by any rank (a torn last line is ignored)."""
-    done: set[tuple[int, int]] = set()
-    for rec in read_progress_records(path / PROGRESS):
-        try:
-            done.add((int(rec["unit"]), int(rec["block"])))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return done
-
-
-class _ColumnWriter:
-    """Writes column ranges into the preallocated per-unit ``M x N`` float32 arrays of a score set."""
-
-    def __init__(self, path: Path, files: Sequence[str], n_test: int, n_train: int) -> None:
-        self.n_test, self.n_train = n_test, n_train
-        self._fds, self._offsets = [], []
-        for f in files:
-            arr = np.load(path / f, mmap_mode="r")
-            if arr.shape != (n_test, n_train) or arr.dtype != np.float32:
-                raise StoreError(f"{path / f} holds {arr.dtype} {arr.shape}, expected float32 {(n_test, n_train)}; "
-                                 "the score set is damaged: rerun with overwrite=True (--overwrite)")
-            self._offsets.append(int(arr.offset))
-            del arr
-            self._fds.append(os.open(path / f, os.O_WRONLY))
-
-    def write(self, unit: int, m0: int, n0: int, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        fd, base = self._fds[unit], self._offsets[unit]
-        for r in range(block.shape[0]):
-            buf = memoryview(block[r]).cast("B")
-            off = base + 4 * ((m0 + r) * self.n_train + n0)
-            done = 0
-            while done < len(buf):
-                done += os.pwrite(fd, buf[done:], off + done)
-
-    def sync(self, unit: int) -> None:
-        os.fsync(self._fds[unit])
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
 
 
 def _identity(method: str, units: Sequence[Any], test: Any, train: Any, block_size: int,
@@ -205,35 +157,20 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     Returns:
         The finished ScoreSet (every rank returns it after the final barrier).
     """
-    from fastinf.scoring.curvature import Damping, fit_preconditioner
-    from fastinf.extraction.plan import auto_block_size
     from fastinf.scoring.scores import ScoreSet
-    from fastinf.store.gradient_store import GradientStore
-    from fastinf.extraction.units import select
 
     if method not in PAIRWISE_METHODS:
         raise ConfigError(f"distributed scoring supports {', '.join(PAIRWISE_METHODS)}; got {method!r} "
                           "(score the others with fastinf.score in one process)")
     d = _dist(shard)
-    test = GradientStore.open(test_store) if isinstance(test_store, (str, os.PathLike)) else test_store
-    train = GradientStore.open(train_store) if isinstance(train_store, (str, os.PathLike)) else train_store
-    units = select(test.units, layers) if layers is not None else list(test.units)
-    missing = [u.name for u in units if u.name not in train.unit_names]
-    if missing:
-        raise StoreMismatchError(f"the train store {train.path} lacks unit(s) {missing[:6]} of the test store "
-                                 f"{test.path}; extract both with the same --layers or pass layers=...")
-    train.check_compatible(test, units=[u.name for u in units])
+    test, train = _open_store(test_store), _open_store(train_store)
+    units = _select_units(test, train, layers)
     keep_test = _keep_mask(test, drop_nonfinite, "test")
     keep_train = _keep_mask(train, drop_nonfinite, "train")
     n_cols, n_rows = int(keep_train.sum()), int(keep_test.sum())
-    curv: dict[str, Any] = {}
-    if damping is not None:
-        curv["damping"] = Damping.parse(damping)
-    if rank is not None:
-        curv["rank"] = int(rank)
+    curv = _curvature_kwargs(damping, rank)
     if block_size is None:
-        block_size = auto_block_size([train.feature_dim(u.name) for u in units], min(n_rows, test_block_rows),
-                                     n=n_cols, dtype=train.dtype, device_memory=device_memory)
+        block_size = _auto_block_size(train, units, min(n_rows, test_block_rows), n_cols, device_memory)
     blocks = train_blocks(n_cols, int(block_size))
     ident = _identity(method, units, test, train, int(block_size), curv, keep_test, keep_train)
     out = Path(out)
@@ -241,16 +178,83 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     # ---- rank 0: allocate (or validate for resume), fit preconditioners; then everyone opens the files
     if d.rank == 0:
         _prepare_output(out, ident, units, method, test, train, keep_test, keep_train, resume, overwrite)
-        if _CURVATURE[method] != "identity":
-            for u in units:
-                fit_preconditioner(train, u.name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
+        _fit_preconditioners(train, units, method, drop_nonfinite, curv)
     d.barrier()
-    manifest = json.loads((out / MANIFEST).read_text())
-    if manifest.get("params", {}).get("dist") != ident:
-        raise StoreMismatchError(f"rank {d.rank}: {out} holds a different scoring run than rank 0 prepared")
+    manifest = _read_manifest(out, ident, d.rank)
     if manifest.get("complete"):
         d.barrier()
         return ScoreSet.open(out)
+    _score_mine(out, manifest, d, units, blocks, test, train, method, keep_test, keep_train, curv,
+                drop_nonfinite, test_block_rows, progress)
+    d.barrier()
+    if d.rank == 0:
+        _finish(out, len(units), len(blocks))
+    d.barrier()
+    return ScoreSet.open(out)
+
+
+def _open_store(store: Any) -> Any:
+    """A GradientStore from a store object or a path."""
+    from fastinf.store import GradientStore
+
+    return GradientStore.open(store) if isinstance(store, (str, os.PathLike)) else store
+
+
+def _select_units(test: Any, train: Any, layers: Any) -> list:
+    """The test store's units selected by ``layers``; the train store must hold them all, compatibly."""
+    from fastinf.extraction.units import select
+
+    units = select(test.units, layers) if layers is not None else list(test.units)
+    missing = [u.name for u in units if u.name not in train.unit_names]
+    if missing:
+        raise StoreMismatchError(f"the train store {train.path} lacks unit(s) {missing[:6]} of the test store "
+                                 f"{test.path}; extract both with the same --layers or pass layers=...")
+    train.check_compatible(test, units=[u.name for u in units])
+    return units
+
+
+def _curvature_kwargs(damping: Any, rank: int | None) -> dict[str, Any]:
+    """The ``fit_preconditioner`` arguments: ``damping`` and ``rank`` where given."""
+    from fastinf.scoring.curvature import Damping
+
+    curv: dict[str, Any] = {}
+    if damping is not None:
+        curv["damping"] = Damping.parse(damping)
+    if rank is not None:
+        curv["rank"] = int(rank)
+    return curv
+
+
+def _auto_block_size(train: Any, units: Sequence[Any], test_rows: int, n_cols: int,
+                     device_memory: int | str | None) -> int:
+    """The largest safe train block from the planner (the same on every rank)."""
+    from fastinf.extraction.plan import auto_block_size
+
+    return auto_block_size([train.feature_dim(u.name) for u in units], test_rows,
+                           n=n_cols, dtype=train.dtype, device_memory=device_memory)
+
+
+def _fit_preconditioners(train: Any, units: Sequence[Any], method: str, drop_nonfinite: bool, curv: dict) -> None:
+    """Rank 0: fit (and cache next to the train store) every unit's preconditioner before the barrier."""
+    from fastinf.scoring.curvature import fit_preconditioner
+
+    if _CURVATURE[method] != "identity":
+        for u in units:
+            fit_preconditioner(train, u.name, _CURVATURE[method], drop_nonfinite=drop_nonfinite, **curv)
+
+
+def _read_manifest(out: Path, ident: dict, rank: int) -> dict:
+    """The manifest rank 0 prepared; refuse one of a different run."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("params", {}).get("dist") != ident:
+        raise StoreMismatchError(f"rank {rank}: {out} holds a different scoring run than rank 0 prepared")
+    return manifest
+
+
+def _score_mine(out: Path, manifest: dict, d: _Dist, units: Sequence[Any], blocks: Sequence[tuple[int, int]],
+                test: Any, train: Any, method: str, keep_test: np.ndarray, keep_train: np.ndarray, curv: dict,
+                drop_nonfinite: bool, test_block_rows: int, progress: bool) -> None:
+    """Under this rank's writer lock: score the blocks it owns that no progress log records yet."""
     lock = WriterLock(out / "locks" / f"rank-{d.rank}.lock")   # a second writer of this rank is refused
     lock.acquire()
     try:
@@ -265,11 +269,6 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
     finally:
         lock.release()
     log.info("rank %d scored %d blocks in %.1fs", d.rank, len(mine), time.perf_counter() - t0)
-    d.barrier()
-    if d.rank == 0:
-        _finish(out, len(units), len(blocks))
-    d.barrier()
-    return ScoreSet.open(out)
 
 
 def _score_blocks(out: Path, files: Sequence[str], rank: int, todo: Sequence[tuple[int, int]], units: Sequence[Any],
@@ -315,53 +314,6 @@ def _score_blocks(out: Path, files: Sequence[str], rank: int, todo: Sequence[tup
         writer.close()
         plog.close()
         bar.close()
-
-
-def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, test: Any, train: Any,
-                    keep_test: np.ndarray, keep_train: np.ndarray, resume: bool, overwrite: bool) -> None:
-    """Rank 0: create the score set's arrays, or check that ``out`` holds this very run to resume."""
-    from fastinf.scoring.scores import ScoreSetWriter
-
-    mpath = out / MANIFEST
-    if mpath.is_file() and not overwrite:
-        old = json.loads(mpath.read_text())
-        if old.get("params", {}).get("dist") != ident:
-            raise StoreMismatchError(f"{out} holds scores of a different run (method, units, stores or block "
-                                     "size differ); choose another output or pass overwrite=True (--overwrite)")
-        if old.get("complete") or resume:
-            return
-        raise StoreError(f"{out} holds an interrupted scoring run; pass resume=True (--resume) to finish it, "
-                         "or overwrite=True (--overwrite) to start over")
-    params = {"method": method, "dist": ident}
-    sources = {"checkpoints": [{"test": str(test.path), "train": str(train.path), "weight": 1.0,
-                                "test_fingerprint": test.fingerprint, "train_fingerprint": train.fingerprint}]}
-    try:
-        w = ScoreSetWriter(out, method=method, units=units, test_ids=np.asarray(test.meta.ids)[keep_test],
-                           train_ids=np.asarray(train.meta.ids)[keep_train],
-                           test_correct=np.asarray(test.meta.correct, bool)[keep_test], params=params,
-                           sources=sources, overwrite=overwrite)
-    except OSError as e:
-        raise storage_error(e, out, "allocating the score set") from e
-    w.close()  # arrays allocated, manifest written with complete=False; ranks write the blocks
-
-
-def _finish(out: Path, n_units: int, n_blocks: int) -> None:
-    """Rank 0, after every rank is done: check all blocks are recorded, then mark the set complete."""
-    done = _read_progress(out)
-    missing = [(u, b) for u in range(n_units) for b in range(n_blocks) if (u, b) not in done]
-    if missing:
-        raise StoreError(f"{out}: {len(missing)} (unit, block) pairs were never written (first {missing[:4]}; "
-                         "a rank failed?); rerun with resume=True (--resume)")
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["complete"] = True
-    _atomic_json(out / MANIFEST, manifest)
-    for p in (out / PROGRESS).glob("*.jsonl"):
-        p.unlink()
-    for sub in (PROGRESS, "locks"):
-        try:
-            (out / sub).rmdir()
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -228,20 +228,7 @@ class ScoreSet:
                 for m0, block in self.iter_test_blocks(name, block_rows):
                     sides = ["top", "bottom"] if which == "both" else [which]
                     for side in sides:
-                        vals = block if side == "top" else -block
-                        idx = np.argpartition(-vals, kk - 1, axis=1)[:, :kk]
-                        part = np.take_along_axis(vals, idx, 1)
-                        order = np.lexsort((idx, -part), axis=1)          # by value, ties by train index
-                        idx = np.take_along_axis(idx, order, 1)
-                        b = len(block)
-                        tbl = pa.table({
-                            "test_id": np.repeat(test_ids[m0:m0 + b], kk).astype(np.int64),
-                            "train_id": train_ids[idx.ravel()].astype(np.int64),
-                            "unit": pa.array([name] * (b * kk), pa.string()),
-                            "score": np.take_along_axis(block, idx, 1).ravel().astype(np.float32),
-                            "rank": np.tile(np.arange(kk, dtype=np.int32), b),
-                            "kind": pa.array([side] * (b * kk), pa.string()),
-                        }, schema=schema)
+                        tbl = _top_table(block, side, kk, test_ids[m0:m0 + len(block)], train_ids, name, schema)
                         writer.write_table(tbl)
                         rows += tbl.num_rows
         return rows
@@ -249,6 +236,28 @@ class ScoreSet:
     def __repr__(self) -> str:
         return (f"ScoreSet({str(self.path)!r}, method={self.method!r}, units={len(self.unit_names)}, "
                 f"n_test={self.n_test}, n_train={self.n_train})")
+
+
+def _top_table(block: np.ndarray, side: str, kk: int, test_ids: np.ndarray, train_ids: np.ndarray, name: str,
+               schema: Any) -> Any:
+    """The ``kk`` best (``top``) or worst (``bottom``) train samples of each test row of ``block``, as a
+    pyarrow table: by value, ties by train index."""
+    import pyarrow as pa
+
+    vals = block if side == "top" else -block
+    idx = np.argpartition(-vals, kk - 1, axis=1)[:, :kk]
+    part = np.take_along_axis(vals, idx, 1)
+    order = np.lexsort((idx, -part), axis=1)          # by value, ties by train index
+    idx = np.take_along_axis(idx, order, 1)
+    b = len(block)
+    return pa.table({
+        "test_id": np.repeat(test_ids, kk).astype(np.int64),
+        "train_id": train_ids[idx.ravel()].astype(np.int64),
+        "unit": pa.array([name] * (b * kk), pa.string()),
+        "score": np.take_along_axis(block, idx, 1).ravel().astype(np.float32),
+        "rank": np.tile(np.arange(kk, dtype=np.int32), b),
+        "kind": pa.array([side] * (b * kk), pa.string()),
+    }, schema=schema)
 
 
 class ScoreSetWriter:

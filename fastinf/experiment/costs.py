@@ -1,0 +1,108 @@
+"""Costs of unit groups (the report's cost-versus-quality table): extraction time, bytes, scoring time.
+
+For each named group, the capture of one batch of ``extract.cost_samples`` training samples
+restricted to that group's units (forward, backward down to the group's lowest unit, projections) is
+timed, fastest of ``extract.cost_repeats``; its share of the all-units time is the group's extraction
+cost. Bytes per sample come from the stores' feature sizes; scoring time is measured per method and
+apportioned by feature dimension; over seeds the measurements are averaged.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fastinf.experiment.config import RunConfig
+
+__all__ = ["measure_group_costs", "itemsize", "apportion_score_time", "mean_costs"]
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per stored feature value of ``dtype``."""
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+
+
+def measure_group_costs(model, tokenizer, ds, named_groups: dict[str, list[str]], units, train_store,
+                        cfg: RunConfig) -> list[dict[str, Any]]:
+    """Per-group extraction cost: the capture of one batch of ``extract.cost_samples`` training samples
+    (forward + backward to the group's lowest unit + its projections), restricted to the group's units.
+
+    The same batch is used for every group and for all units; after one warm-up call each is timed
+    ``extract.cost_repeats`` times and the fastest kept, the estimate least disturbed by other
+    processes on a shared machine.
+    """
+    import torch
+
+    from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.projection import ProjectionSpec, UnitProjector
+
+    ex = cfg.extract
+    rows, batch = _cost_batch(tokenizer, ds, cfg)
+    spec = ProjectionSpec.parse(ex.proj, seed=0)
+    by_name = {u.name: u for u in units}
+    projectors = {u.name: UnitProjector(u, spec, device=torch.device("cpu")) for u in units}
+
+    def fastest(names: list[str]) -> float:
+        return _fastest(model, [by_name[n] for n in names], projectors, batch, ex.cost_repeats)
+
+    all_names = [u.name for u in units]
+    features_for_batch(model, units, projectors, batch, "seq-cls")          # warm-up
+    t_all = fastest(all_names)
+    size = itemsize(ex.dtype)
+    out = []
+    for g, names in named_groups.items():
+        t = t_all if sorted(names) == sorted(all_names) else fastest(names)
+        dim = int(sum(train_store.feature_dim(n) for n in names))
+        out.append({"group": g, "n_units": len(names), "bytes_per_sample": dim * size,
+                    "extract_s_per_1k": 1000.0 * t / rows.size, "extract_share": t / t_all if t_all > 0 else None,
+                    "feature_dim": dim})
+    return out
+
+
+def _cost_batch(tokenizer, ds, cfg: RunConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """The timed batch: the first ``extract.cost_samples`` samples of ``ds``, tokenised, with labels."""
+    import torch
+
+    rows = np.arange(min(cfg.extract.cost_samples, len(ds)))
+    texts = [ds.texts[i] for i in rows]
+    pairs = [ds.text_pairs[i] for i in rows] if ds.text_pairs is not None else None
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=cfg.model.max_length,
+                    return_tensors="pt")
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    batch["labels"] = torch.as_tensor(ds.labels[rows], dtype=torch.long)
+    return rows, batch
+
+
+def _fastest(model, sel, projectors, batch: dict[str, Any], repeats: int) -> float:
+    """The fastest of ``repeats`` timed captures of ``batch`` restricted to the units ``sel``."""
+    from fastinf.extraction.capture import features_for_batch
+
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        features_for_batch(model, sel, projectors, batch, "seq-cls")
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store) -> None:
+    """Split the measured scoring time of all methods over the groups by feature dimension."""
+    total_dim = sum(train_store.feature_dim(n) for n in train_store.unit_names)
+    total_s = sum(score_times.values())
+    for c in costs:
+        c["score_s"] = total_s * c["feature_dim"] / total_dim if total_dim else None
+
+
+def mean_costs(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The per-group costs averaged over seeds (``None`` where no seed measured a value)."""
+    if not per_seed:
+        return []
+    out = []
+    for i, c in enumerate(per_seed[0]):
+        d = dict(c)
+        for k in ("extract_s_per_1k", "extract_share", "score_s"):
+            vals = [s[i][k] for s in per_seed if s[i].get(k) is not None]
+            d[k] = float(np.mean(vals)) if vals else None
+        out.append(d)
+    return out

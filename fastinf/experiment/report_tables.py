@@ -1,0 +1,148 @@
+"""The report's tables: one :class:`_Table` per section, rendered to Markdown and to HTML.
+
+Each builder turns summary rows (:mod:`.summary`), costs, filter-and-retrain rows or fine-tuning info
+into a titled table with an explanatory note; :func:`report_tables` lists them in report order.
+"""
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fastinf.experiment.summary import _isnan, fmt_mean_std
+
+__all__ = ["report_tables", "md_table", "html_table"]
+
+
+@dataclass
+class _Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def md_table(t: _Table) -> str:
+    """``t`` as a Markdown section: a ``###`` title, the note, the pipe table."""
+    lines = [f"### {t.title}", ""]
+    if t.note:
+        lines += [t.note, ""]
+    lines.append("| " + " | ".join(t.header) + " |")
+    lines.append("|" + "|".join("---" for _ in t.header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(t: _Table) -> str:
+    """``t`` as HTML: an ``<h3>`` title, the note, the table (``**x**`` cells in bold)."""
+    def cell(x: str, tag: str) -> str:
+        bold = x.startswith("**") and x.endswith("**")
+        x = html.escape(x.strip("*") if bold else x)
+        return f"<{tag}>{'<b>' + x + '</b>' if bold else x}</{tag}>"
+
+    head = "".join(cell(h, "th") for h in t.header)
+    body = "".join("<tr>" + "".join(cell(c, "td") for c in r) + "</tr>" for r in t.rows)
+    note = f"<p>{html.escape(t.note)}</p>" if t.note else ""
+    return f"<h3>{html.escape(t.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+def _aggregation_tables(summary: Sequence[Mapping[str, Any]], metric: str, groups: Sequence[str]) -> list[_Table]:
+    tables = []
+    methods = list(dict.fromkeys(s["method"] for s in summary if s["kind"] == "group"))
+    for method in methods:
+        items = [s for s in summary if s["kind"] == "group" and s["method"] == method]
+        hows = list(dict.fromkeys(s["how"] for s in items))
+        rows = []
+        for g in groups:
+            vals = {s["how"]: s for s in items if s["group"] == g}
+            if not vals:
+                continue
+            best = max((v[f"{metric}_mean"] for v in vals.values() if not _isnan(v[f"{metric}_mean"])), default=None)
+            row = [g]
+            for h in hows:
+                s = vals.get(h)
+                if s is None:
+                    row.append("")
+                    continue
+                txt = fmt_mean_std(s[f"{metric}_mean"], s[f"{metric}_std"], s["n_seeds"])
+                row.append(f"**{txt}**" if best is not None and s[f"{metric}_mean"] == best and len(hows) > 1 else txt)
+            rows.append(row)
+        tables.append(_Table(f"{method}: {metric} by unit group and aggregation", ["group"] + hows, rows,
+                             "Mean ± std over seeds; bold = best aggregation for the group."))
+    return tables
+
+
+def _metric_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str], kinds: Sequence[str],
+                  title: str, note: str = "") -> _Table | None:
+    items = [s for s in summary if s["kind"] in kinds]
+    if not items:
+        return None
+    rows = [[s["method"], s["how"], s["group"]]
+            + [fmt_mean_std(s[f"{m}_mean"], s[f"{m}_std"], s["n_seeds"]) for m in metrics] for s in items]
+    return _Table(title, ["method", "aggregation", "group"] + list(metrics), rows, note)
+
+
+def _cost_table(costs: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None, metric: str) -> _Table:
+    quality = {c["group"]: c for c in (rec or {}).get("candidates", [])}
+    rows = []
+    for c in costs:
+        q = quality.get(c["group"])
+        rows.append([c["group"], str(c["n_units"]), f"{c['bytes_per_sample']:,}",
+                     f"{100 * c['extract_share']:.1f}%" if c.get("extract_share") is not None else "n/a",
+                     f"{c['extract_s_per_1k']:.2f}" if c.get("extract_s_per_1k") is not None else "n/a",
+                     f"{c['score_s']:.3f}" if c.get("score_s") is not None else "n/a",
+                     f"{q['quality']:.3f} ({q['method']}/{q['how']})" if q else "n/a",
+                     f"{q['efficiency']:.2f}" if q else "n/a"])
+    return _Table("Cost of each layer group next to its quality",
+                  ["group", "units", "bytes/sample", "extraction share", "extract s / 1k samples",
+                   "scoring s", f"best {metric}", "lift per cost"], rows,
+                  "Extraction time is measured per group (forward + backward to the group's earliest unit + "
+                  "its projections) on a sample of the training set, fastest of a few repetitions, relative "
+                  "to all units; bytes/sample is the stored "
+                  "feature size; scoring time is the measured scoring time of all methods apportioned by "
+                  "feature dimension. Lift per cost = (best metric - chance) / extraction share.")
+
+def _filter_retrain_table(fr: Sequence[Mapping[str, Any]]) -> _Table | None:
+    if not fr:
+        return None
+    by: dict[str, list[float]] = defaultdict(list)
+    removed: dict[str, int] = {}
+    for r in fr:
+        by[r["strategy"]].append(r["accuracy"])
+        removed[r["strategy"]] = r["n_removed"]
+    return _Table("Filter and retrain", ["removal", "samples removed", "held-out accuracy"],
+                  [[k, str(removed[k]), fmt_mean_std(float(np.mean(v)),
+                                                     float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))]
+                   for k, v in by.items()],
+                  "Retrained from the same initial checkpoint after removing the lowest-scored samples "
+                  "(influence), as many random ones (random), or exactly the noisy ones (oracle).")
+
+
+def _train_table(train_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
+    if not train_rows:
+        return None
+    return _Table("Fine-tuning", ["seed", "scored epoch", "held-out loss", "held-out acc", "seconds"],
+                  [[str(t["seed"]), str(t["best_epoch"]), f"{t['heldout_loss']:.4f}",
+                    f"{t['heldout_acc']:.3f}", f"{t['seconds']:.1f}"] for t in train_rows])
+
+
+def report_tables(results: Mapping[str, Any], summary: Sequence[Mapping[str, Any]],
+                  rec: Mapping[str, Any] | None, metrics: Sequence[str]) -> list[_Table | None]:
+    """The report's tables in order (``None`` for a section without data): per-method aggregation
+    tables, all metrics, costs, baselines, filter and retrain, fine-tuning."""
+    headline = metrics[0]
+    costs = results.get("costs", [])
+    groups = list(dict.fromkeys(s["group"] for s in summary if s["kind"] == "group"))
+    tables: list[_Table] = []
+    tables += _aggregation_tables(summary, headline, groups)
+    full = _metric_table(summary, metrics, ("group",), "All metrics by group",
+                         "NDR@p: fraction of all noisy samples among the p% lowest-scored; AUC_NDR normalised as "
+                         "in the paper; ROC-AUC of 'noisy' against -score.")
+    base = _metric_table(summary, metrics, ("baseline",), "Baselines")
+    cost = _cost_table(costs, rec, headline) if costs else None
+    fr_table = _filter_retrain_table(results.get("filter_retrain") or [])
+    tr_table = _train_table(results.get("train") or [])
+    return [*tables, full, cost, base, fr_table, tr_table]

@@ -1,0 +1,221 @@
+"""The stages of one seed of ``fastinf run``, in order: noise, train, extract, costs, score, evaluate, retrain.
+
+:func:`run_seed` is the list of steps; each ``_stage_*`` function declares what its stage depends on
+(``deps``, plus the marker hashes of the stages before it as ``upstream``), hands the work to
+:meth:`StageRunner.stage` (which skips it when cached), then loads the stage's outputs into the
+:class:`SeedRun` the next stage reads. Outputs live under ``<out>/seed-<s>/``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastinf.data.noise import NoiseResult, inject_noise, load_noise
+from fastinf.experiment.config import to_dict
+from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
+from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups
+from fastinf.experiment.retrain import filter_retrain
+from fastinf.experiment.stages import StageRunner, marker_hash
+from fastinf.errors import StoreError
+
+__all__ = ["SeedRun", "run_seed"]
+
+
+@dataclass
+class SeedRun:
+    """The state one seed's stages hand to each other."""
+
+    seed: int
+    sdir: Path
+    train: Any
+    test: Any
+    noise: NoiseResult | None = None
+    noisy_train: Any = None
+    best_path: str | None = None
+    train_info: dict[str, Any] = field(default_factory=dict)
+    stores: dict[str, Any] = field(default_factory=dict)
+    units: list[Any] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    upstream: list[str | None] = field(default_factory=list)
+    costs: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    retrain_rows: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _loaded: tuple[Any, Any] | None = None
+
+    def model(self) -> tuple[Any, Any]:
+        """The scored checkpoint (model, tokenizer), loaded on first use only (cached stages skip it)."""
+        if self._loaded is None:
+            from fastinf.experiment.train import load_checkpoint
+
+            self._loaded = load_checkpoint(self.best_path)
+        return self._loaded
+
+
+def run_seed(r: StageRunner, seed: int, train, test) -> SeedRun:
+    """All stages of one seed; the returned state holds its metric rows, train info, costs, retrain
+    rows, timings and noise mask."""
+    ctx = SeedRun(seed=seed, sdir=r.out / f"seed-{seed}", train=train, test=test)
+    _stage_noise(r, ctx)
+    _stage_train(r, ctx)
+    _stage_extract(r, ctx)
+    _stage_costs(r, ctx)
+    _stage_score(r, ctx)
+    _stage_evaluate(r, ctx)
+    _stage_retrain(r, ctx)
+    return ctx
+
+
+def _timed(ctx: SeedRun, key: str, marker: dict[str, Any]) -> dict[str, Any]:
+    """Add the stage's recorded seconds to the seed's timing ``key``; returns the marker."""
+    ctx.timings[key] = ctx.timings.get(key, 0.0) + marker["seconds"]
+    return marker
+
+
+def _stage_noise(r: StageRunner, ctx: SeedRun) -> None:
+    """Corrupt the training labels (seeded); ``ctx.noise`` and ``ctx.noisy_train``."""
+    cfg, train, test = r.cfg, ctx.train, ctx.test
+    deps = {"data": to_dict(cfg.data), "train_fp": train.fingerprint(), "test_fp": test.fingerprint(),
+            "noise": to_dict(cfg.noise), "seed": ctx.seed}
+
+    def do() -> dict[str, Any]:
+        nz = inject_noise(train.labels, cfg.noise.rate, seed=ctx.seed, kind=cfg.noise.kind,
+                          class_rates=cfg.noise.class_rates, transition=cfg.noise.transition,
+                          n_classes=int(max(train.labels.max(), test.labels.max())) + 1)
+        nz.save(ctx.sdir / "noise.npz")
+        return {"n_noisy": nz.n_noisy}
+
+    _timed(ctx, "noise", r.stage(ctx.sdir, "noise", deps, do))
+    ctx.noise = load_noise(ctx.sdir / "noise.npz")
+    ctx.noisy_train = train.with_labels(ctx.noise.labels)
+    r.echo(f"seed {ctx.seed}: {ctx.noise.n_noisy} of {len(train)} training labels corrupted")
+
+
+def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
+    """Fine-tune on the noisy labels; ``ctx.best_path`` (the scored checkpoint) and ``ctx.train_info``."""
+    from fastinf.experiment.train import TrainResult, finetune
+
+    cfg = r.cfg
+
+    def do() -> dict[str, Any]:
+        shutil.rmtree(ctx.sdir / "train", ignore_errors=True)
+        res = finetune(cfg.model, cfg.train, ctx.noisy_train, ctx.test, ctx.sdir / "train", seed=ctx.seed,
+                       n_classes=ctx.noise.n_classes, progress=r.progress)
+        return {"best_epoch": res.best_epoch}
+
+    deps = {"model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+    _timed(ctx, "train", r.stage(ctx.sdir, "train", deps, do, upstream=[marker_hash(ctx.sdir, "noise")]))
+    tr = TrainResult.load(ctx.sdir / "train")
+    ctx.best_path = tr.best.path
+    best = tr.best
+    r.echo(f"seed {ctx.seed}: fine-tuned ({tr.seconds:.1f}s); scoring epoch {best.epoch} "
+           f"(held-out loss {best.heldout_loss:.4f}, acc {best.heldout_acc:.3f})")
+    ctx.train_info = {"seed": ctx.seed, "best_epoch": best.epoch, "heldout_loss": best.heldout_loss,
+                      "heldout_acc": best.heldout_acc, "seconds": tr.seconds, "lr_log": tr.lr_log()}
+
+
+def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
+    """Extract the train and test gradient stores (resuming an interrupted one); ``ctx.stores``,
+    ``ctx.units``, ``ctx.groups``."""
+    from fastinf.extraction.extract import ExtractStats, extract
+    from fastinf.store import GradientStore
+
+    cfg, ex = r.cfg, r.cfg.extract
+    deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")},
+            "max_length": cfg.model.max_length}
+    for split, ds in (("train", ctx.noisy_train), ("test", ctx.test)):
+        def do(split: str = split, ds=ds) -> dict[str, Any]:
+            model, tok = ctx.model()
+            stats = ExtractStats()
+            path = ctx.sdir / "stores" / split
+            resume = (path / "manifest.json").exists()
+            kw = dict(layers=ex.layers, proj=ex.proj, dtype=ex.dtype, batch_size=ex.batch_size,
+                      max_length=cfg.model.max_length, seed=0, progress=r.progress, stats=stats)
+            try:
+                extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
+            except StoreError:       # an interrupted store that cannot be resumed: start over
+                if not resume:
+                    raise
+                extract(model, tok, ds, path, overwrite=True, **kw)
+            return {"seconds_extract": stats.seconds, "samples": stats.samples}
+
+        _timed(ctx, f"extract_{split}", r.stage(ctx.sdir, f"extract_{split}", deps, do,
+                                                upstream=[marker_hash(ctx.sdir, "train")]))
+    ctx.stores = {s: GradientStore.open(ctx.sdir / "stores" / s) for s in ("train", "test")}
+    ctx.units = ctx.stores["train"].units
+    ctx.groups = unit_groups(cfg, ctx.units)
+    nbytes = sum(ctx.stores["train"].feature_dim(u.name) for u in ctx.units) * itemsize(ex.dtype)
+    r.echo(f"seed {ctx.seed}: stores of {len(ctx.units)} units ({nbytes:,} bytes/sample)")
+    ctx.upstream = [marker_hash(ctx.sdir, "extract_train"), marker_hash(ctx.sdir, "extract_test")]
+
+
+def _stage_costs(r: StageRunner, ctx: SeedRun) -> None:
+    """Time the extraction of each named group (``costs.json``); ``ctx.costs``."""
+    ex = r.cfg.extract
+
+    def do() -> dict[str, Any]:
+        costs: list[dict[str, Any]] = []
+        if ex.cost_repeats > 0:
+            model, tok = ctx.model()
+            costs = measure_group_costs(model, tok, ctx.noisy_train, named_groups(r.cfg, ctx.units), ctx.units,
+                                        ctx.stores["train"], r.cfg)
+        (ctx.sdir / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
+        return {}
+
+    deps = {"groups": list(r.cfg.aggregate.groups), "samples": ex.cost_samples, "repeats": ex.cost_repeats}
+    _timed(ctx, "costs", r.stage(ctx.sdir, "costs", deps, do, upstream=ctx.upstream))
+    ctx.costs = json.loads((ctx.sdir / "costs.json").read_text())
+
+
+def _stage_score(r: StageRunner, ctx: SeedRun) -> None:
+    """Score test x train per method (one cached stage each); apportion the scoring time to the groups."""
+    from fastinf.scoring.estimators import score
+
+    score_times: dict[str, float] = {}
+    for method in r.cfg.score.methods:
+        def do(method: str = method) -> dict[str, Any]:
+            t = time.perf_counter()
+            score(ctx.stores["test"], ctx.stores["train"], method=method, out=ctx.sdir / "scores" / method,
+                  overwrite=True)
+            return {"score_s": time.perf_counter() - t}
+
+        m = r.stage(ctx.sdir, f"score_{method}", {"method": method}, do, upstream=ctx.upstream)
+        score_times[method] = _timed(ctx, "score", m)["score_s"]
+    apportion_score_time(ctx.costs, score_times, ctx.stores["train"])
+    ctx.upstream = ctx.upstream + [marker_hash(ctx.sdir, f"score_{m}") for m in r.cfg.score.methods]
+
+
+def _stage_evaluate(r: StageRunner, ctx: SeedRun) -> None:
+    """Aggregate and evaluate every (method, aggregation, group) and baseline (``metrics.json``); ``ctx.rows``."""
+    cfg = r.cfg
+    deps = {"aggregate": to_dict(cfg.aggregate), "ndr_at": list(cfg.evaluate.ndr_at),
+            "baselines": list(cfg.score.baselines)}
+
+    def do() -> dict[str, Any]:
+        rows = evaluate_seed(cfg, ctx.seed, ctx.sdir, ctx.stores, ctx.groups, ctx.noise.mask)
+        (ctx.sdir / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return {"rows": len(rows)}
+
+    _timed(ctx, "aggregate+evaluate", r.stage(ctx.sdir, "evaluate", deps, do, upstream=ctx.upstream))
+    ctx.rows = json.loads((ctx.sdir / "metrics.json").read_text())
+
+
+def _stage_retrain(r: StageRunner, ctx: SeedRun) -> None:
+    """Filter and retrain when enabled (``retrain.json``); ``ctx.retrain_rows``."""
+    fr = r.cfg.evaluate.filter_retrain
+    if not fr.enabled:
+        return
+
+    def do() -> dict[str, Any]:
+        rows = filter_retrain(r.cfg, ctx.seed, ctx.sdir, ctx.noisy_train, ctx.test, ctx.noise, ctx.stores,
+                              ctx.groups)
+        (ctx.sdir / "retrain.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return {}
+
+    deps = {"filter_retrain": to_dict(fr), "aggregate": to_dict(r.cfg.aggregate)}
+    _timed(ctx, "retrain", r.stage(ctx.sdir, "retrain", deps, do, upstream=ctx.upstream))
+    ctx.retrain_rows = json.loads((ctx.sdir / "retrain.json").read_text())
