@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from fastinf.errors import FastinfError
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _private_umask() -> int:
+    """Outputs hold labels, logits and gradients of possibly private data: files the CLI writes are owner-only
+    (umask gains 077; a stricter umask is kept). ``FASTINF_SHARED_OUTPUTS=1`` keeps the user's umask.
+    Returns the previous umask (restored when the command ends, for in-process callers)."""
+    from fastinf.store.ownership import private_mode
+
+    old = os.umask(0o077)
+    os.umask(old | 0o077 if private_mode() else old)
+    return old
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    old_umask = _private_umask()
     try:
         return int(args.func(args) or 0)
     except FastinfError as e:
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.umask(old_umask)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="seq-cls", choices=["seq-cls", "causal-lm"])
     p.add_argument("--num-labels", type=int, default=None, help="classes of a fresh classification head")
     p.add_argument("--seed", type=int, default=0, help="projection seed")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N samples (e.g. a held-out test part)")
+    p.add_argument("--limit", type=int, default=None, help="use only N samples (after --offset)")
+    p.add_argument("--noise", type=float, default=None, metavar="RATE",
+                   help="flip this fraction of the labels (uniform, seeded by --noise-seed) before extracting; "
+                        "needs --noise-out")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of --noise (default 0)")
+    p.add_argument("--noise-out", default=None, help="where --noise writes its mask and labels (.npz)")
     p.add_argument("--text-column", default=None)
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default=None)
@@ -41,19 +47,63 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before any heavy work (a 0 is an error, never a silent default)."""
+    from fastinf.errors import ConfigError
+
+    for flag, value in (("--num-labels", args.num_labels), ("--chunk-size", args.chunk_size),
+                        ("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    if args.offset < 0:
+        raise ConfigError(f"--offset must be >= 0, got {args.offset}")
+    if args.num_labels is not None and args.num_labels < 2 and args.task == "seq-cls":
+        raise ConfigError(f"--num-labels must be at least 2 for a classifier, got {args.num_labels}")
+    if args.noise is not None:
+        if not 0.0 <= args.noise < 1.0:
+            raise ConfigError(f"--noise must be a fraction in [0, 1), got {args.noise}")
+        if not args.noise_out:
+            raise ConfigError("--noise needs --noise-out FILE.npz (where the noise mask goes)")
+        if args.task != "seq-cls":
+            raise ConfigError("--noise flips class labels; it needs --task seq-cls")
+    elif args.noise_out:
+        raise ConfigError("--noise-out is only used with --noise RATE")
+
+
+def load_data(args: argparse.Namespace):
+    """The dataset of ``--data`` with ``--offset``/``--limit`` applied (and ``--noise`` injected, saved)."""
+    from fastinf.data.datasets import load_dataset_spec
+    from fastinf.errors import DataError
+
+    limit = None if args.limit is None else args.offset + args.limit
+    ds = load_dataset_spec(args.data, split=args.split, text_column=args.text_column,
+                           text_pair_column=args.text_pair_column, label_column=args.label_column,
+                           limit=limit, need_labels=args.task != "causal-lm")
+    if args.offset:
+        if args.offset >= len(ds):
+            raise DataError(f"--offset {args.offset} skips all {len(ds)} samples of {args.data!r}")
+        ds = ds.subset(range(args.offset, len(ds)))
+    if args.noise is not None:
+        from fastinf.data.noise import inject_noise
+
+        noise = inject_noise(ds.labels, args.noise, seed=args.noise_seed)
+        noise.save(args.noise_out)
+        ds = ds.with_labels(noise.labels)
+    return ds
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fastinf.data.datasets import load_dataset_spec
     from fastinf.distributed import init_from_env
     from fastinf.extraction.extract import extract, write_run_config
     from fastinf.extraction.models import load_model
 
+    check_args(args)
     init_from_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ds = load_dataset_spec(args.data, split=args.split, text_column=args.text_column,
-                           text_pair_column=args.text_pair_column, label_column=args.label_column,
-                           limit=args.limit, need_labels=args.task != "causal-lm")
+    ds = load_data(args)
     num_labels = args.num_labels or (ds.num_classes if args.task == "seq-cls" else None)
     model, tok = load_model(args.model, task=args.task, num_labels=num_labels)
     store = extract(model, tok, ds, args.out, layers=args.layers, proj=args.proj, task=args.task,
