@@ -17,14 +17,22 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (or set FASTINF_SLOW=1)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked ``gpu`` when no CUDA device is present (collection never touches CUDA)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip tests marked ``gpu`` when no CUDA device is present (collection never touches CUDA), and tests
+    marked ``slow`` unless ``--runslow`` / ``FASTINF_SLOW=1`` (``make test`` stays within its time budget)."""
+    run_slow = config.getoption("--runslow") or os.environ.get("FASTINF_SLOW") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or FASTINF_SLOW=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)
