@@ -37,6 +37,7 @@ _API: dict[str, str] = {
     # scoring
     "ScoreSet": "fastinf.scoring.scores",
     "score": "fastinf.scoring.estimators",
+    "influence": "fastinf.scoring.fused",
     "fit_preconditioner": "fastinf.scoring.curvature",
     # aggregation and evaluation
     "aggregate": "fastinf.aggregation.aggregate",
