@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from fastinf.aggregation._native import resolve_backend
 from fastinf.aggregation.accumulators import _Acc, _finish, _median
 from fastinf.aggregation.sources import _resolve_groups, _Source
 from fastinf.errors import ConfigError, NonFiniteError
@@ -79,13 +80,38 @@ class Aggregation:
             raise KeyError(f"no result for group={group!r}, how={how!r}; have {sorted(self.scores)}") from None
 
 
-def _parse_hows(how: str | Sequence[str]) -> list[str]:
-    hows = [h.strip() for h in how.split(",")] if isinstance(how, str) else [str(h) for h in how]
+def _parse_hows(how: Any) -> list[str]:
+    """The method names of ``how`` (a name, a comma-separated list or a sequence of names), validated."""
+    if isinstance(how, str):
+        hows = [h.strip() for h in how.split(",")]
+    elif isinstance(how, Sequence) and all(isinstance(h, str) for h in how):
+        hows = [h.strip() for h in how]
+    else:
+        raise ConfigError(f"how: expected a method name, a comma-separated list or a list of names from {HOWS}, "
+                          f"found {how!r}")
     hows = [h for h in hows if h]
     bad = [h for h in hows if h not in HOWS]
     if bad or not hows:
         raise ConfigError(f"how: expected one or more of {HOWS}, found {bad or how!r}")
     return list(dict.fromkeys(hows))
+
+
+def _check_int(value: Any, name: str, low: int) -> None:
+    """Refuse a non-integer (or bool) ``value`` or one below ``low`` (keyword arguments of the pass)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{name}: expected an integer >= {low}, found {value!r}")
+
+
+def _check_args(correct_only: Any, rrf_k: Any, block_bytes: Any, median_budget_bytes: Any,
+                n_threads: Any) -> None:
+    """Validate the scalar arguments of :func:`aggregate_all` before any score is read."""
+    if not isinstance(correct_only, (bool, np.bool_)) and correct_only not in (0, 1):
+        raise ConfigError(f"correct_only: expected True or False, found {correct_only!r}")
+    _check_int(rrf_k, "rrf_k", 0)
+    _check_int(block_bytes, "block_bytes", 1)
+    _check_int(median_budget_bytes, "median_budget_bytes", 1)
+    if n_threads is not None:
+        _check_int(n_threads, "n_threads", 1)
 
 
 def aggregate_all(
@@ -122,11 +148,12 @@ def aggregate_all(
         n_threads: C++ threads (default: ``FASTINF_NUM_THREADS`` or the available CPUs).
     """
     hows = _parse_hows(how)
+    vote_k(vote_p, 1)                              # validates vote_p before any score is opened
+    _check_args(correct_only, rrf_k, block_bytes, median_budget_bytes, n_threads)
+    resolve_backend(backend)
     src = _Source(scores, units, test_correct)
     n, m = src.n_train, src.n_test
     k = vote_k(vote_p, n)
-    if rrf_k < 0:
-        raise ConfigError(f"rrf_k: expected a non-negative integer, found {rrf_k}")
     group_idx = _resolve_groups(groups, src)
     rows_ok = _test_rows(src, correct_only)
     member, atom_of_sig = _atoms(group_idx)

@@ -29,12 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from fastinf.aggregation.inputs import as_noise_mask, check_numeric, load_noise_mask
 from fastinf.errors import ConfigError, DataError, NonFiniteError
+
+__all__ = ["ndr_curve", "ndr", "auc_ndr", "roc_auc", "average_precision", "bootstrap_ci", "cancellation_ratio",
+           "cancellation_ratios", "layer_table", "format_table", "as_noise_mask", "load_noise_mask", "METRICS",
+           "Interval", "Cancellation"]
 
 
 # ------------------------------------------------------------------------------------------ inputs
 def _as_scores(scores: Any) -> np.ndarray:
-    arr = np.asarray(scores, dtype=np.float64)
+    raw = np.asarray(scores)
+    check_numeric(raw.dtype, "scores")
+    arr = raw.astype(np.float64, copy=False)
     if arr.ndim != 1 or arr.size == 0:
         raise ConfigError(f"scores: expected one score per train sample (a non-empty 1-D array), found shape "
                           f"{arr.shape}; aggregate per-unit scores first (fastinf.aggregate)")
@@ -43,87 +50,6 @@ def _as_scores(scores: Any) -> np.ndarray:
         raise NonFiniteError(f"scores: {bad.size} NaN/inf values (first at train index {int(bad[0])}); "
                              "fix or drop them before evaluating")
     return arr
-
-
-def as_noise_mask(noise_mask: Any, n: int) -> np.ndarray:
-    """Validates a noise mask (bools or 0/1 values, one per train sample) and returns it as bool [N]."""
-    mask = np.asarray(noise_mask)
-    if mask.ndim != 1:
-        raise ConfigError(f"noise_mask: expected a 1-D mask with one flag per train sample, found shape {mask.shape}")
-    if mask.shape[0] != n:
-        raise ConfigError(f"noise_mask: expected {n} flags (one per train sample), found {mask.shape[0]}; "
-                          "the mask must come from the same training set as the scores")
-    if mask.dtype != bool:
-        if not np.isin(mask, (0, 1)).all():
-            raise ConfigError("noise_mask: expected booleans or 0/1 values, found other values; pass a mask, "
-                              "not a list of indices (use np.isin(np.arange(N), indices))")
-        mask = mask.astype(bool)
-    if not mask.any():
-        raise DataError("noise_mask: no sample is marked noisy; NDR needs at least one noisy sample "
-                        "(inject label noise first, e.g. fastinf.inject_noise)")
-    return mask
-
-
-def load_noise_mask(path: str | Any, n: int | None = None) -> np.ndarray:
-    """Reads a noise mask (bool [N]) from a file.
-
-    Formats: ``.npz`` written by :meth:`fastinf.noise.NoiseResult.save` (its ``mask``), ``.npy`` (bools or
-    0/1), ``.txt`` (0/1 or true/false separated by whitespace or commas), ``.json`` (a list of flags, or
-    an object with ``"mask"`` / ``"noise_mask"`` flags, or ``"noisy_indices"`` / ``"indices"`` together
-    with ``n``). Validated with :func:`as_noise_mask` when ``n`` is given.
-    """
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"noise mask {p}: no such file; expected .npz (fastinf.inject_noise), .npy, .txt or .json")
-    suffix = p.suffix.lower()
-    if suffix == ".npz":
-        with np.load(p) as z:
-            key = "mask" if "mask" in z.files else (z.files[0] if len(z.files) == 1 else None)
-            if key is None:
-                raise ConfigError(f"noise mask {p}: expected an array named 'mask', found {z.files}")
-            mask = z[key]
-    elif suffix == ".npy":
-        mask = np.load(p)
-    elif suffix == ".json":
-        mask = _json_mask(p, n)
-    elif suffix in (".txt", ".csv", ""):
-        words = p.read_text().replace(",", " ").split()
-        table = {"0": False, "1": True, "false": False, "true": True}
-        bad = [w for w in words if w.lower() not in table]
-        if bad:
-            raise ConfigError(f"noise mask {p}: expected 0/1 or true/false values, found {bad[:3]}")
-        mask = np.array([table[w.lower()] for w in words], dtype=bool)
-    else:
-        raise ConfigError(f"noise mask {p}: unknown format {suffix!r}; use .npz, .npy, .txt or .json")
-    mask = np.asarray(mask).reshape(-1)
-    return as_noise_mask(mask, n if n is not None else mask.shape[0])
-
-
-def _json_mask(p: Any, n: int | None) -> np.ndarray:
-    """The mask of a ``.json`` noise file: a list of flags, or an object with flags or noisy indices."""
-    import json
-
-    obj = json.loads(p.read_text())
-    if not isinstance(obj, dict):
-        return np.asarray(obj)
-    flags = obj.get("mask", obj.get("noise_mask"))
-    idx = obj.get("noisy_indices", obj.get("indices"))
-    if flags is None and idx is None:
-        raise ConfigError(f"noise mask {p}: expected a list or an object with 'mask' or 'noisy_indices', "
-                          f"found keys {sorted(obj)}")
-    if flags is None:
-        size = obj.get("n", n)
-        if size is None:
-            raise ConfigError(f"noise mask {p}: noisy indices need the number of train samples ('n')")
-        idx = np.asarray(idx, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= int(size)):
-            raise ConfigError(f"noise mask {p}: indices must lie in [0, {int(size)}), found "
-                              f"{int(idx.min())}..{int(idx.max())}")
-        flags = np.zeros(int(size), dtype=bool)
-        flags[idx] = True
-    return np.asarray(flags)
 
 
 def _check_pct(p: float) -> float:

@@ -13,6 +13,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from fastinf.aggregation.inputs import check_numeric
 from fastinf.errors import ConfigError, SelectorError
 
 #: A group: a selector string (``"middle"``, ``"first,last"``, ``"blocks[2:4]"``; see
@@ -39,13 +40,14 @@ class _Source:
         if self.n_train < 1 or self.n_test < 1:
             raise ConfigError(f"scores: expected at least one test and one train sample, found M={self.n_test}, "
                               f"N={self.n_train}")
-        self.test_correct = None if correct is None else np.asarray(correct, dtype=bool).reshape(-1)
+        self.test_correct = None if correct is None else _flags(correct)
         if self.test_correct is not None and self.test_correct.shape[0] != self.n_test:
             raise ConfigError(f"test_correct: expected {self.n_test} flags (one per test sample), found "
                               f"{self.test_correct.shape[0]}")
 
     def _init_array(self, arr: np.ndarray, units: Sequence[Any] | None, test_correct: np.ndarray | None) -> Any:
         """Read a plain (U, M, N) array with optional unit metadata; returns the correctness flags."""
+        check_numeric(arr.dtype, "scores")
         if arr.ndim != 3:
             raise ConfigError(
                 f"scores: expected per-unit scores of shape (units, test, train), found shape {arr.shape}; "
@@ -93,9 +95,20 @@ class _Source:
         return np.asarray(self._unit(u)[:, c0:c1])[rows]
 
 
+def _flags(correct: Any) -> np.ndarray:
+    """Per-test correctness as bool [M]; refuses non-numeric values (strings would all read as True)."""
+    arr = np.asarray(correct)
+    check_numeric(arr.dtype, "test_correct")
+    return arr.astype(bool).reshape(-1)
+
+
 def _resolve_group(spec: GroupSpec, src: _Source) -> list[int]:
     """Unit indices (in score order) selected by one group spec."""
     names = src.unit_names
+    if isinstance(spec, str) and not spec.strip(" ,+"):
+        raise SelectorError(f"group: expected a selector (e.g. 'first', 'middle', 'all'), found {spec!r}")
+    if not isinstance(spec, (str, Sequence, np.ndarray)):
+        raise SelectorError(f"group: expected a selector string or a list of unit names / indices, found {spec!r}")
     if isinstance(spec, str):
         terms = [t.strip() for t in spec.split(",") if t.strip()]
         if terms and all(t in names for t in terms):  # exact unit names (and unions of them)
@@ -132,6 +145,14 @@ def _resolve_group(spec: GroupSpec, src: _Source) -> list[int]:
     return sorted(set(idx))
 
 
+def _group_name(spec: Any) -> str:
+    """The name of a group given as a list of units (its members joined by commas)."""
+    if not isinstance(spec, (Sequence, np.ndarray)):
+        raise SelectorError(f"groups: expected each group to be a selector string or a list of unit names / "
+                            f"indices, found {spec!r}")
+    return ",".join(map(str, spec))
+
+
 def _resolve_groups(groups: Any, src: _Source) -> dict[str, list[int]]:
     if groups is None:
         return {"all": list(range(len(src.unit_names)))}
@@ -139,12 +160,15 @@ def _resolve_groups(groups: Any, src: _Source) -> dict[str, list[int]]:
         return {groups: _resolve_group(groups, src)}
     if isinstance(groups, Mapping):
         items = [(str(k), v) for k, v in groups.items()]
+    elif not isinstance(groups, (Sequence, np.ndarray)):
+        raise SelectorError(f"groups: expected None, a selector, a list of selectors / unit lists or a mapping "
+                            f"name -> selector, found {groups!r}")
     else:
         seq = list(groups)
         if seq and all(isinstance(g, (int, np.integer)) for g in seq):
             items = [("group", seq)]  # a single list of indices
         else:
-            items = [(g if isinstance(g, str) else ",".join(map(str, g)), g) for g in seq]
+            items = [(g if isinstance(g, str) else _group_name(g), g) for g in seq]
     if not items:
         raise SelectorError("groups: expected at least one group, found none")
     return {name: _resolve_group(spec, src) for name, spec in items}

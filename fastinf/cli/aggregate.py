@@ -20,14 +20,20 @@ from fastinf.errors import ConfigError
 def load_scores(path: str) -> tuple[Any, np.ndarray | None]:
     """Opens per-unit scores: a ScoreSet directory or a 3-D ``.npy`` (memory-mapped). Returns
     ``(scores, train_ids or None)``."""
+    from fastinf.aggregation.inputs import load_npy
+
     p = Path(path)
     if p.is_dir():
         from fastinf.scoring.scores import ScoreSet
 
-        s = ScoreSet.open(p)
-        return s, np.asarray(s.train_ids)
+        try:
+            s = ScoreSet.open(p)
+            return s, np.asarray(s.train_ids)
+        except (OSError, ValueError, KeyError) as e:   # a damaged score set the reader did not name itself
+            raise ConfigError(f"{p}: cannot open the score set ({type(e).__name__}: {e}); it is damaged — "
+                              "score again (fastinf score)") from None
     if p.suffix == ".npy" and p.is_file():
-        arr = np.load(p, mmap_mode="r")
+        arr = load_npy(p, "scores")
         if arr.ndim != 3:
             raise ConfigError(f"{p}: expected per-unit scores of shape (units, test, train), found {arr.shape}")
         return arr, None
@@ -37,12 +43,23 @@ def load_scores(path: str) -> tuple[Any, np.ndarray | None]:
 
 def parse_groups(text: str | None) -> list[str] | None:
     """``"first,middle,first+last"`` -> ``["first", "middle", "first,last"]`` (``+`` = union)."""
-    if not text:
+    if text is None:
         return None
-    groups = [g.strip().replace("+", ",") for g in text.split(",") if g.strip()]
+    groups = [g.strip().replace("+", ",") for g in text.split(",") if g.strip(" +")]
     if not groups:
         raise ConfigError(f"--groups: expected comma-separated selectors, found {text!r}")
     return groups
+
+
+def check_aggregation_args(args: argparse.Namespace) -> None:
+    """Validate --how, --vote-p, --groups and --threads before any score is read."""
+    from fastinf.aggregation.aggregate import _check_int, _parse_hows, vote_k
+
+    _parse_hows(args.how)
+    vote_k(args.vote_p, 1)
+    parse_groups(args.groups)
+    if args.threads is not None:
+        _check_int(args.threads, "--threads", 1)
 
 
 def add_aggregation_args(p: argparse.ArgumentParser, default_how: str) -> None:
@@ -73,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
     from fastinf.aggregation.aggregate import aggregate_all
     from fastinf.aggregation.parquet import write_parquet
 
+    from fastinf.aggregation.parquet import check_out_path
+
     if not str(args.out).endswith(".parquet"):
         raise ConfigError(f"--out: expected a .parquet path, found {args.out!r}")
+    check_out_path(args.out, "--out")
+    check_aggregation_args(args)
     scores, train_ids = load_scores(args.scores)
     res = aggregate_all(scores, args.how, vote_p=args.vote_p, correct_only=args.correct_only,
                         groups=parse_groups(args.groups), n_threads=args.threads)

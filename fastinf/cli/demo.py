@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, default=None, help="held-out influence-set messages (default 80)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: clear --out first (only a run directory fastinf wrote)")
     p.set_defaults(func=run)
 
 
@@ -42,14 +44,19 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.n_train = args.n_train
     if args.n_test is not None:
         cfg.data.n_test = args.n_test
-    if args.seeds:
-        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.seeds is not None:
+        try:
+            cfg.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            from fastinf.errors import ConfigError
+
+            raise ConfigError(f"--seeds: expected comma-separated integers like 0,1,2, found {args.seeds!r}") from None
 
     def echo(msg: str) -> None:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
-    res = run_experiment(cfg, echo=echo)
+    res = run_experiment(cfg, echo=echo, overwrite=args.overwrite)
     print()
     print(compact_table(res.results))
     print(f"\nreport: {res.report.markdown} (and {res.report.html.name}, layer plots, results.json/.parquet) "

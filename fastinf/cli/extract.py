@@ -71,6 +71,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--noise-out is only used with --noise RATE")
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Before loading data or a model: ``--proj`` parses and ``--out`` may be written (a file, or a directory
+    holding anything but a store fastinf wrote, is refused; ``--overwrite`` never removes foreign files)."""
+    from fastinf.extraction.projection import ProjectionSpec
+    from fastinf.store.claim import preflight_store
+
+    ProjectionSpec.parse(args.proj, seed=args.seed)
+    preflight_store(args.out, resume=args.resume, overwrite=args.overwrite)
+
+
 def load_data(args: argparse.Namespace):
     """The dataset of ``--data`` with ``--offset``/``--limit`` applied (and ``--noise`` injected, saved)."""
     from fastinf.data.datasets import load_dataset_spec
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from fastinf.extraction.models import load_model
 
     check_args(args)
+    _check_output(args)
     init_from_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ds = load_data(args)

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            "and the result equals an uninterrupted build (a different request is refused)")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
     b.set_defaults(func=run_build)
-    i = ss.add_parser("info", help="print an index's manifest and check it against its store")
+    i = ss.add_parser("info", help="print an index's manifest; check it against its store and its files' checksums")
     i.add_argument("index", help="index directory")
     i.add_argument("--store", default=None, help="train store (if it moved since the build)")
     i.add_argument("--json", action="store_true")
@@ -64,7 +64,14 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
 
 
 def parse_groups(text: str) -> str | list[str]:
-    return text if text in ("unit", "joint") else [g.strip() for g in text.split(";") if g.strip()]
+    """'unit' | 'joint' | 'sel;sel;...' (one group per selector); a text naming no selector is refused."""
+    if text in ("unit", "joint"):
+        return text
+    groups = [g.strip() for g in text.split(";")]
+    if not groups or any(not g for g in groups):
+        raise ConfigError(f"--groups {text!r} has an empty selector; give 'unit', 'joint' or selectors separated "
+                          "by ';' (e.g. 'attn.v;mlp.down')")
+    return groups
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -75,7 +82,8 @@ def run_build(args: argparse.Namespace) -> int:
                       weights=parse_weights(args.weights), method=args.method, factory=args.factory,
                       backend=args.backend, name=args.name, out=args.out, nprobe=args.nprobe,
                       train_size=args.train_size, seed=args.seed, block_size=args.block_size,
-                      overwrite=args.overwrite, resume=args.resume, precond_kwargs=precond or None)
+                      overwrite=args.overwrite, resume=args.resume, precond_kwargs=precond or None,
+                      exist_ok=True)   # a rerun of the same command returns the finished index as it is
     _print(idx, args.json)
     return 0
 
@@ -83,7 +91,13 @@ def run_build(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from fastinf.retrieval.index import open_index
 
-    _print(open_index(args.index, args.store), args.json)
+    idx = open_index(args.index, args.store)
+    problems = idx.verify()
+    if problems:
+        from fastinf.errors import CorruptStoreError
+
+        raise CorruptStoreError(f"index {idx.directory}: {'; '.join(problems)}; rebuild it with --overwrite")
+    _print(idx, args.json)
     return 0
 
 

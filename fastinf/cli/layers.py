@@ -26,28 +26,37 @@ STORE_DTYPE_BYTES = {"float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float32
 
 def _skeleton(name: str, task: str, num_labels: int | None) -> nn.Module:
     """The model's module tree with meta tensors (no memory, no weights), or a fully loaded model."""
-    from fastinf.extraction.models import load_model, packaged_model_path  # noqa: PLC0415
+    from fastinf.extraction.models import (  # noqa: PLC0415
+        _checked_load_args, _head_size, check_lm_task, load_model, packaged_model_path,
+    )
 
+    _checked_load_args(task, num_labels, "float32")
     path, gguf = packaged_model_path(name)
     try:
         import transformers as tf  # noqa: PLC0415
 
         config = tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
-        if task == "seq-cls":
-            archs = getattr(config, "architectures", None) or []
-            if num_labels is not None:
-                config.num_labels = num_labels
-            elif not any("SequenceClassification" in a for a in archs):
-                config.num_labels = 2
-            auto = tf.AutoModelForSequenceClassification
-        else:
-            auto = tf.AutoModelForCausalLM
-        with torch.device("meta"):
-            return auto.from_config(config)
     except (OSError, ValueError, KeyError) as e:
-        log.info("meta skeleton of %s failed (%s); loading the model", name, e)
+        log.info("config of %s not readable (%s); loading the model", name, e)
+        config = None
+    if config is not None:
+        if task == "causal-lm":
+            check_lm_task(config, name)
+        else:
+            config.num_labels = _head_size(config, num_labels, name)
+        try:
+            return _meta_model(tf, config, task)
+        except (OSError, ValueError, KeyError) as e:
+            log.info("meta skeleton of %s failed (%s); loading the model", name, e)
     model, _ = load_model(name, task=task, num_labels=num_labels)
     return model
+
+
+def _meta_model(tf: Any, config: Any, task: str) -> nn.Module:
+    """``config``'s model (head size already set) built on the meta device."""
+    auto = tf.AutoModelForSequenceClassification if task == "seq-cls" else tf.AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 def unit_table(units: list[Unit], spec: ProjectionSpec, dtype: str = "float16",

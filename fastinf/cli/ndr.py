@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastinf.cli.aggregate import add_aggregation_args, load_scores, parse_groups
+from fastinf.cli.aggregate import add_aggregation_args, check_aggregation_args, load_scores, parse_groups
 from fastinf.errors import ConfigError
 
 
@@ -41,23 +41,26 @@ def _parse_at(text: str) -> list[float]:
     return at
 
 
-def _scorers(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Named final scores (one float64 [N] each) from whatever the input is."""
-    from fastinf.aggregation.aggregate import aggregate_all
+def _final_scores(p: Path) -> dict[str, np.ndarray] | None:
+    """Final scores (one float64 [N] per scorer) when ``p`` holds them (Parquet, 1-D / 2-D ``.npy``), else None."""
+    from fastinf.aggregation.inputs import load_npy
     from fastinf.aggregation.parquet import read_parquet
 
-    p = Path(args.scores)
     if p.suffix == ".parquet":
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such file")
         return read_parquet(p)
     if p.suffix == ".npy" and p.is_file():
-        arr = np.load(p, mmap_mode="r")
+        arr = load_npy(p, "scores")
         if arr.ndim == 1:
             return {p.stem: np.asarray(arr, np.float64)}
         if arr.ndim == 2:
             return {f"{p.stem}[{i}]": np.asarray(row, np.float64) for i, row in enumerate(arr)}
-    scores, _ = load_scores(str(p))
+    return None
+
+
+def _aggregated(args: argparse.Namespace, scores) -> dict[str, np.ndarray]:
+    """Per-unit scores aggregated with --how/--groups (and one group per unit with --per-unit)."""
+    from fastinf.aggregation.aggregate import aggregate_all
+
     groups = parse_groups(args.groups) or ["all"]
     if args.per_unit:
         names = list(scores.unit_names) if hasattr(scores, "unit_names") else [f"unit{i}" for i in
@@ -70,13 +73,31 @@ def _scorers(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return {f"{g}/{h}": s for (g, h), s in res.scores.items()}
 
 
+def _inputs(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(named final scores, noise mask): arguments and the mask are checked before per-unit scores are
+    aggregated; every scorer must have one score per train sample of the mask."""
+    from fastinf.aggregation.evaluate import load_noise_mask
+
+    check_aggregation_args(args)
+    p = Path(args.scores)
+    scorers = _final_scores(p)
+    if scorers is None:
+        scores, _ = load_scores(str(p))
+        n = int(scores.n_train) if hasattr(scores, "n_train") else int(scores.shape[2])
+        mask = load_noise_mask(args.noise_mask, n)
+        return _aggregated(args, scores), mask
+    sizes = {k: v.shape[0] for k, v in scorers.items()}
+    if len(set(sizes.values())) != 1:
+        raise ConfigError(f"{p}: scorers of different lengths {sizes}; every scorer needs one score per train sample")
+    return scorers, load_noise_mask(args.noise_mask, next(iter(sizes.values())))
+
+
 def run(args: argparse.Namespace) -> int:
-    from fastinf.aggregation.evaluate import auc_ndr, average_precision, format_table, load_noise_mask, ndr, roc_auc
+    from fastinf.aggregation.evaluate import auc_ndr, average_precision, format_table, ndr, roc_auc
 
     at = _parse_at(args.at)
-    scorers = _scorers(args)
-    n = next(iter(scorers.values())).shape[0]
-    mask = load_noise_mask(args.noise_mask, n)
+    scorers, mask = _inputs(args)
+    n = mask.shape[0]
     rows = []
     for name, s in scorers.items():
         row: dict = {"scores": name}

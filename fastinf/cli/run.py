@@ -1,7 +1,9 @@
 """`fastinf run CONFIG.yaml`: noise -> train -> extract -> score -> aggregate -> evaluate -> report.
 
 Stages are cached under the output directory and reused when their inputs are unchanged, so a run
-can be interrupted and restarted, or re-run after editing only the aggregation or evaluation sections.
+can be interrupted and restarted, or re-run after editing only the aggregation or evaluation sections; a
+rerun of a finished run changes nothing. The output directory must be new, empty or a run directory
+fastinf wrote; ``--overwrite`` clears only such a directory and starts over.
 ``--set section.key=value`` overrides single config values (YAML syntax for the value).
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the config's `out`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=2 --set seeds=[0,1,2]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: clear the output directory first (only a run directory fastinf wrote)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary rows as JSON")
     p.set_defaults(func=run)
@@ -42,30 +46,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a config section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({' '.join(str(e).split())})") from None
     return data
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
-    from fastinf.experiment.config import RunConfig, from_dict
-    from fastinf.errors import ConfigError
+    from fastinf.experiment.config import RunConfig, from_dict, read_yaml_mapping
     from fastinf.experiment.pipeline import run_experiment
     from fastinf.experiment.report import compact_table
 
     path = Path(args.config)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    data = read_yaml_mapping(path)
     cfg = from_dict(RunConfig, apply_overrides(data, args.set), where=str(path))
     res = run_experiment(cfg, args.out, progress=not args.no_progress and not args.json,
-                         echo=(lambda m: None) if args.json else print)
+                         echo=(lambda m: None) if args.json else print, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(res.results["summary"], indent=1, default=str))
         return 0

@@ -1,7 +1,10 @@
 """`fastinf score --train DIR --test DIR --method M --out DIR`: per-unit influence scores from two stores.
 
-A thin shell over :func:`fastinf.estimators.score`: parses and validates the arguments, writes the
-score set (with its replayable ``score_config.json``) and optionally a Parquet file of the top-k rows.
+A thin shell over :func:`fastinf.estimators.score`: parses and validates the arguments (before any work),
+writes the score set (with its replayable ``score_config.json``) and optionally a Parquet file of the top-k
+rows. Like ``extract``: a rerun of the same command on a finished set recomputes nothing (prints the
+summary), ``--resume`` continues an interrupted run, ``--overwrite`` replaces only a score set fastinf
+wrote, and a different request in ``--out`` is refused naming the difference.
 """
 from __future__ import annotations
 
@@ -38,7 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-mb", type=int, default=256, help="memory budget per block (MiB)")
     p.add_argument("--precision", default="float32", choices=["float32", "float64"])
     p.add_argument("--out", required=True, help="output score-set directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the score set in --out (only a score set fastinf wrote is ever removed)")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run of the same command in --out (finished parts are kept)")
     p.add_argument("--parquet", default=None, help="also export the top-k rows per (test, unit) to this file")
     p.add_argument("--top-k", type=int, default=10, help="rows per (test, unit) in --parquet")
     p.add_argument("--which", default="top", choices=["top", "bottom", "both"],
@@ -48,11 +55,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse bad output arguments before any work (nothing is written yet)."""
+    from fastinf.errors import ConfigError
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1; got {args.top_k}")
+    if args.block_mb < 1:
+        raise ConfigError(f"--block-mb must be >= 1; got {args.block_mb}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for the score set")
+    if args.parquet:
+        pq = Path(args.parquet)
+        if pq.is_dir():
+            raise ConfigError(f"--parquet {pq} is a directory; give a file path such as {pq / 'top.parquet'}")
+        if not pq.parent.is_dir():
+            raise ConfigError(f"--parquet {pq}: the directory {pq.parent} does not exist; create it first or "
+                              "choose another path")
+
+
+def _was_complete(out: str) -> bool:
+    """Whether ``out`` already holds a finished score set (then a rerun of the same request recomputes nothing)."""
+    from fastinf.errors import StoreError
+    from fastinf.scoring.score_files import read_manifest
+
+    try:
+        return bool(read_manifest(Path(out)).get("complete"))
+    except StoreError:
+        return False
+
+
+def _write_parquet(s, args: argparse.Namespace) -> int:
+    """Export the top-k rows to ``--parquet`` via a temp file, so a failure leaves no partial file."""
+    import os
+
+    tmp = Path(args.parquet).with_name(f".{Path(args.parquet).name}.{os.getpid()}.tmp")
+    try:
+        rows = s.to_parquet(tmp, k=args.top_k, which=args.which)
+        os.replace(tmp, args.parquet)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from fastinf import __version__
     from fastinf.errors import ConfigError
     from fastinf.scoring.estimators import score
+    from fastinf.scoring.score_files import write_json
 
+    _check_outputs(args)
     checkpoints = None
     if args.checkpoint:
         try:
@@ -64,17 +116,18 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("with --checkpoint, give the stores per checkpoint only (drop --train/--test)")
     elif not args.train:
         raise ConfigError("--train is required (or --checkpoint for tracin)")
+    reused = not args.overwrite and _was_complete(args.out)
     s = score(args.test, args.train, args.method, args.layers, out=args.out, overwrite=args.overwrite,
+              resume=args.resume, exist_ok=True,
               damping=args.damping, rank=args.rank, curvature=args.curvature, checkpoints=checkpoints,
               topk_tokens=args.topk_tokens, topk_side=args.topk_side, drop_nonfinite=args.drop_nonfinite,
               block_bytes=args.block_mb << 20, precision=args.precision, progress=not args.no_progress)
     config = {"fastinf_version": __version__, "command": "score",
               **{k: v for k, v in vars(args).items() if k != "func"}}
-    (Path(args.out) / "score_config.json").write_text(json.dumps(config, indent=1, default=str))
-    rows = None
-    if args.parquet:
-        rows = s.to_parquet(args.parquet, k=args.top_k, which=args.which)
-    summary = {"out": str(s.path), "method": s.method, "units": len(s.unit_names), "n_test": s.n_test,
+    if not reused:   # a rerun that recomputed nothing keeps the provenance of the run that did
+        write_json(Path(args.out) / "score_config.json", config)
+    rows = _write_parquet(s, args) if args.parquet else None
+    summary = {"reused": reused, "out": str(s.path), "method": s.method, "units": len(s.unit_names), "n_test": s.n_test,
                "n_train": s.n_train, "dropped_train": len(s.params.get("dropped_train_ids", [])),
                "dropped_test": len(s.params.get("dropped_test_ids", [])), "parquet": args.parquet,
                "parquet_rows": rows}
@@ -82,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(summary, sys.stdout, indent=1)
         print()
     else:
-        print(f"wrote {s.method} scores for {summary['units']} unit(s), {s.n_test} test x {s.n_train} train "
+        verb = "already complete (nothing recomputed):" if reused else "wrote"
+        print(f"{verb} {s.method} scores for {summary['units']} unit(s), {s.n_test} test x {s.n_train} train "
               f"to {s.path}" + (f"; {rows} top-k rows to {args.parquet}" if args.parquet else ""))
     return 0

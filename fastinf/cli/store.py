@@ -51,9 +51,14 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 if intact, 1 naming every problem of a store; a path that holds no store is a usage error (2)."""
+    from pathlib import Path
+
     from fastinf.errors import StoreError
     from fastinf.store import GradientStore
 
+    if not (Path(args.path) / "manifest.json").is_file():
+        GradientStore.open(args.path)  # raises the clean "not a fastinf GradientStore" error
     try:
         problems = GradientStore.open(args.path).verify()
     except StoreError as e:

@@ -36,7 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", default=None, help="comma-separated module-name suffixes (query,value)")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default with a config: <config out>/train); a rerun of a finished "
+                        "training with the same settings does nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output directory's training (only a directory `fastinf train` wrote)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -68,22 +72,55 @@ def _config_from_args(args: argparse.Namespace):
     return from_dict(RunConfig, d)
 
 
+def _out_dir(args: argparse.Namespace, cfg) -> Path:
+    """--out, or ``<config out>/train`` when a run config was given."""
+    from fastinf.errors import ConfigError
+
+    if args.out is not None:
+        return Path(args.out)
+    if args.config or args.config_opt:
+        return Path(cfg.out) / "train"
+    raise ConfigError("--out is required without a run config: name the output directory (--out DIR)")
+
+
+def _previous(out: Path, cfg_text: str, overwrite: bool):
+    """The finished training of the same settings in ``out`` (a rerun is a no-op), else None; refuses an
+    unfinished or different training there unless ``overwrite``."""
+    from fastinf.errors import ConfigError
+    from fastinf.experiment.train import TrainResult
+
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return None
+    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == cfg_text
+    if same and (out / "train.json").is_file():
+        return TrainResult.load(out)
+    what = "a training with other settings" if (out / "config.yaml").is_file() and not same else "an unfinished training"
+    raise ConfigError(f"{out} holds {what}; pass --overwrite to replace it, or choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from fastinf.data.noise import inject_noise
     from fastinf.experiment.pipeline import load_splits
+    from fastinf.experiment.rundir import open_output_dir
     from fastinf.experiment.train import finetune
 
     cfg = _config_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(out / "config.yaml")
-    train, test = load_splits(cfg)
-    if cfg.noise.rate > 0:
-        nz = inject_noise(train.labels, cfg.noise.rate, seed=args.seed, kind=cfg.noise.kind,
-                          class_rates=cfg.noise.class_rates, transition=cfg.noise.transition)
-        nz.save(out / "noise.npz")
-        train = train.with_labels(nz.labels)
-    result = finetune(cfg.model, cfg.train, train, test, out, seed=args.seed, progress=not args.json)
+    out = _out_dir(args, cfg)
+    cfg_text = cfg.to_yaml()
+    outdir = open_output_dir(out, "train", overwrite=args.overwrite)   # refuses a foreign directory first
+    result = _previous(out, cfg_text, args.overwrite)
+    if result is None:
+        train, test = load_splits(cfg)
+        with outdir:
+            (out / "config.yaml").write_text(cfg_text)
+            if cfg.noise.rate > 0:
+                nz = inject_noise(train.labels, cfg.noise.rate, seed=args.seed, kind=cfg.noise.kind,
+                                  class_rates=cfg.noise.class_rates, transition=cfg.noise.transition)
+                nz.save(out / "noise.npz")
+                train = train.with_labels(nz.labels)
+            result = finetune(cfg.model, cfg.train, train, test, out, seed=args.seed, progress=not args.json)
+    elif not args.json:
+        print(f"{out}: already trained with these settings; nothing to do (--overwrite trains again)")
     if args.json:
         print(json.dumps({"best_epoch": result.best_epoch, "best": result.best.path, "history": result.history,
                           "lr_log": result.lr_log(), "seconds": result.seconds}, indent=2))

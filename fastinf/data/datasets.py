@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +19,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastinf.data.files import PAIR_COLUMNS, TEXT_COLUMNS, file_not_found, looks_like_path, read_table
+from fastinf.data.labels import checked_labels, checked_texts, labels_to_int
 from fastinf.errors import DataError
 
 __all__ = ["TextDataset", "sms_spam_path", "load_sms", "load_dataset_spec", "from_hf", "as_text_dataset"]
 
-TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String", "content", "document")
-PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
 LABEL_COLUMNS = ("label", "labels", "Quality")
 HUB_ALIASES = {"glue:sst2": ("glue", "sst2"), "glue:mrpc": ("glue", "mrpc"), "glue:cola": ("glue", "cola"),
                "glue:qnli": ("glue", "qnli"), "glue:rte": ("glue", "rte")}
@@ -34,7 +34,8 @@ HUB_ALIASES = {"glue:sst2": ("glue", "sst2"), "glue:mrpc": ("glue", "mrpc"), "gl
 class TextDataset:
     """Texts (and optional text pairs) with integer labels and stable sample ids.
 
-    ``labels`` may be None for causal-LM extraction. ``ids`` default to 0..N-1.
+    ``labels`` may be None for causal-LM extraction. ``ids`` default to 0..N-1. Texts and labels are
+    checked (``fastinf.data.labels``): a missing text or label, or a fractional label, is a DataError.
     """
 
     texts: list[str]
@@ -46,14 +47,12 @@ class TextDataset:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.texts = [str(t) for t in self.texts]
+        self.texts = checked_texts(self.texts, "text", self.name)
         n = len(self.texts)
         if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64)
-            if self.labels.shape != (n,):
-                raise DataError(f"{self.name}: {self.labels.shape[0]} labels for {n} texts")
+            self.labels = checked_labels(self.labels, n, self.name)
         if self.text_pairs is not None:
-            self.text_pairs = [str(t) for t in self.text_pairs]
+            self.text_pairs = checked_texts(self.text_pairs, "text pair", self.name)
             if len(self.text_pairs) != n:
                 raise DataError(f"{self.name}: {len(self.text_pairs)} text pairs for {n} texts")
         self.ids = np.arange(n, dtype=np.int64) if self.ids is None else np.asarray(self.ids, dtype=np.int64)
@@ -141,13 +140,7 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
 
 def _labels_to_int(values: Sequence[Any], source: str) -> tuple[np.ndarray, list[str] | None]:
     """Integer labels as-is; string labels mapped to 0..C-1 in sorted order (names returned)."""
-    try:
-        arr = np.array([int(float(v)) for v in values], dtype=np.int64)
-        return arr, None
-    except (TypeError, ValueError):
-        names = sorted({str(v) for v in values})
-        index = {n: i for i, n in enumerate(names)}
-        return np.array([index[str(v)] for v in values], dtype=np.int64), names
+    return labels_to_int(values, source)
 
 
 def _from_columns(cols: dict[str, list[Any]], source: str, text_column: str | None,
@@ -162,48 +155,24 @@ def _from_columns(cols: dict[str, list[Any]], source: str, text_column: str | No
 
 
 def _read_table(path: Path) -> dict[str, list[Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv", ".txt"):
-        delim = "," if suffix == ".csv" else "\t"
-        quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter=delim, quoting=quoting)
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                return {}
-            cols: dict[str, list[Any]] = {h: [] for h in header}
-            for lineno, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)}")
-                for h, v in zip(header, row):
-                    cols[h].append(v.strip() if h not in TEXT_COLUMNS + PAIR_COLUMNS else v.rstrip(" "))
-            return cols
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if suffix == ".jsonl"
-                else json.loads(text))
-        if isinstance(rows, dict):
-            return {k: list(v) for k, v in rows.items()}
-        keys = list(rows[0]) if rows else []
-        return {k: [r.get(k) for r in rows] for k in keys}
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pydict()
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+    return read_table(path)
 
 
 def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | None = None,
                       text_pair_column: str | None = None, label_column: str | None = None,
                       limit: int | None = None, need_labels: bool = True) -> TextDataset:
-    """Load ``spec``: "sms" (packaged demo), a local file, or an HF hub name ("glue:sst2", "imdb", ...)."""
+    """Load ``spec``: "sms" (packaged demo), a local file, or an HF hub name ("glue:sst2", "imdb", ...).
+
+    A spec that looks like a path (a suffix, a separator) and does not exist is "file not found"; only
+    names shaped like Hub ids reach the Hub.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit <= 0):
+        raise DataError(f"limit must be a positive integer, got {limit!r}")
+    local = Path(str(spec)).expanduser()
     if spec in ("sms", "demo:sms", "sms_spam"):
         ds = load_sms()
-    elif os.path.exists(spec):
-        path = Path(spec)
+    elif local.exists():
+        path = local
         if path.is_dir():
             cands = [path / f"{split}.tsv", path / f"{split}.csv", path / f"{split}.jsonl", path / f"{split}.parquet"]
             found = [c for c in cands if c.exists()]
@@ -211,13 +180,13 @@ def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | Non
                 raise DataError(f"{path} is a directory without {split}.tsv/.csv/.jsonl/.parquet")
             path = found[0]
         ds = _from_columns(_read_table(path), str(path), text_column, text_pair_column, label_column, need_labels)
+    elif looks_like_path(str(spec)):
+        raise file_not_found(str(spec))
     else:
         ds = _load_hub(spec, split, text_column, text_pair_column, label_column, need_labels)
     if len(ds) == 0:
         raise DataError(f"dataset {spec!r} (split {split!r}) is empty; nothing to extract")
     if limit is not None:
-        if limit <= 0:
-            raise DataError(f"limit must be positive, got {limit}")
         ds = ds.subset(np.arange(min(limit, len(ds))))
     return ds
 
@@ -244,12 +213,22 @@ def from_hf(hf: Any, *, text_column: str | None = None, text_pair_column: str | 
             label_column: str | None = None, need_labels: bool = True, name: str = "hf") -> TextDataset:
     """Convert an HF ``datasets.Dataset`` (or a dict of columns, or a list of row dicts)."""
     if isinstance(hf, list):
-        keys = list(hf[0]) if hf else []
+        bad = next((i for i, r in enumerate(hf) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{name}: row {bad} is a {type(hf[bad]).__name__}; a list of rows must hold dicts "
+                            "such as {'text': ..., 'label': ...}")
+        keys = list(dict.fromkeys(k for r in hf for k in r))
         cols = {k: [r.get(k) for r in hf] for k in keys}
     elif isinstance(hf, dict):
-        cols = {k: list(v) for k, v in hf.items()}
-    else:
+        cols = {k: list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for k, v in hf.items()}
+        bad_col = next((k for k, v in cols.items() if not isinstance(v, list)), None)
+        if bad_col is not None:
+            raise DataError(f"{name}: column {bad_col!r} is a {type(cols[bad_col]).__name__}, not a list of values")
+    elif hasattr(hf, "column_names"):
         cols = {k: list(hf[k]) for k in hf.column_names}
+    else:
+        raise DataError(f"cannot read a dataset from a {type(hf).__name__}; pass a TextDataset, a file path or "
+                        "Hub id, an HF dataset, a dict of columns or a list of row dicts")
     ds = _from_columns(cols, name, text_column, text_pair_column, label_column, need_labels)
     ds.name = name
     return ds

@@ -21,6 +21,7 @@ baseline of NDR, identical across seeds.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,15 +73,34 @@ class NoiseResult:
 
 
 def load_noise(path: str | Path) -> NoiseResult:
-    """Read a :class:`NoiseResult` written by :meth:`NoiseResult.save`."""
+    """Read a :class:`NoiseResult` written by :meth:`NoiseResult.save`; a damaged file is a DataError naming it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"noise file {path} does not exist; expected the .npz written by NoiseResult.save")
-    arrays = np.load(path)
-    params = json.loads(path.with_suffix(".json").read_text())
-    return NoiseResult(labels=arrays["labels"], clean_labels=arrays["clean_labels"], mask=arrays["mask"],
-                       kind=params["kind"], rate=float(params["rate"]), seed=int(params["seed"]),
-                       n_classes=int(params["n_classes"]))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in ("labels", "clean_labels", "mask")}
+    except KeyError as e:
+        raise DataError(f"noise file {path} lacks the array {e}; rewrite it with inject_noise(...).save") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"noise file {path} is damaged or not an .npz ({type(e).__name__}: {e}); "
+                        "rewrite it with inject_noise(...).save") from e
+    side = path.with_suffix(".json")
+    try:
+        params = json.loads(side.read_text(encoding="utf-8"))
+        kind, rate, seed, n_classes = (params["kind"], float(params["rate"]), int(params["seed"]),
+                                       int(params["n_classes"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"noise parameters {side} are missing or damaged ({type(e).__name__}: {e}); "
+                        "rewrite the noise file with inject_noise(...).save") from e
+    y, y0, m = arrays["labels"], arrays["clean_labels"], arrays["mask"]
+    if m.dtype != np.bool_ or y.ndim != 1 or y.shape != y0.shape or y.shape != m.shape \
+            or not np.issubdtype(y.dtype, np.integer) or not np.issubdtype(y0.dtype, np.integer) \
+            or not np.array_equal(m, y != y0):
+        raise DataError(f"noise file {path} is inconsistent (labels {y.shape} {y.dtype}, clean labels {y0.shape} "
+                        f"{y0.dtype}, mask {m.shape} {m.dtype}; the mask must mark exactly the changed labels); "
+                        "rewrite it with inject_noise(...).save")
+    return NoiseResult(labels=y, clean_labels=y0, mask=m, kind=kind, rate=rate, seed=seed, n_classes=n_classes)
 
 
 def _check_rate(rate: float, what: str = "noise rate") -> float:

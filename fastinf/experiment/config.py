@@ -277,18 +277,7 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
         """Read a YAML (or JSON, a YAML subset) file. Unknown keys raise :class:`ConfigError`."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}; pass an existing YAML file") from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
-        if data is None:
-            data = {}
-        return from_dict(cls, data, where=str(path))
+        return from_dict(cls, read_yaml_mapping(path), where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -300,6 +289,28 @@ class RunConfig:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
         return text
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (an empty file is ``{}``); a ConfigError naming the file when it
+    cannot be read, is not UTF-8, is not valid YAML, or holds something other than a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}; pass an existing YAML file") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections (data:, model:, train:, ...); it holds a "
+                          f"{type(data).__name__}")
+    return data
 
 
 def demo_config(out: str = "demo_out") -> RunConfig:

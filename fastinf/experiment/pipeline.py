@@ -23,20 +23,27 @@ the group's lowest unit, projections) is timed, fastest of ``extract.cost_repeat
 all-units time is the group's extraction cost. Bytes per sample come from the stores' feature sizes;
 scoring time is measured per method and apportioned by feature dimension (:mod:`.costs`).
 
+Output directory (:mod:`.rundir`): a run writes only into a new or empty directory or one fastinf run wrote
+(``run.json``); ``overwrite=True`` clears only such a directory, under its lock. A rerun of a finished run
+is a no-op: every stage is cached, and the config files and the report are rewritten only when their
+content changes (``report.done.json`` holds the digest of the results the report was written from).
+
 This module is the run over seeds; the stages of one seed are :mod:`.seed_stages`, the stage cache
 :mod:`.stages`, the data split :mod:`.splits`, the metrics :mod:`.metrics`, filter-and-retrain
 :mod:`.retrain`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastinf.experiment.config import RunConfig, to_dict
+from fastinf.experiment.config import RunConfig, config_hash, to_dict
 from fastinf.experiment.costs import mean_costs, measure_group_costs
+from fastinf.experiment.rundir import open_output_dir, write_if_changed
 from fastinf.experiment.metrics import baseline_scores, chance_levels, evaluate_scores, metric_keys
 from fastinf.experiment.seed_stages import SeedRun, run_seed
 from fastinf.experiment.splits import load_splits
@@ -60,7 +67,7 @@ class RunResult:
 
 
 def run_experiment(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = False,
-                   echo: Callable[[str], None] | None = None) -> RunResult:
+                   echo: Callable[[str], None] | None = None, overwrite: bool = False) -> RunResult:
     """Run (or resume) the experiment described by ``cfg``; returns the results and report paths.
 
     Args:
@@ -68,32 +75,64 @@ def run_experiment(cfg: RunConfig, out: str | Path | None = None, *, progress: b
         out: output directory (default ``cfg.out``). Stages already done with the same inputs are reused.
         progress: show progress bars for training and extraction.
         echo: receives one-line progress messages (default: the module logger).
+        overwrite: clear the output directory first — only a run directory fastinf wrote (see :mod:`.rundir`).
     """
     out = Path(out if out is not None else cfg.out)
     runner = StageRunner(cfg.validate(), out, progress, echo or log.info)
-    return _run(runner)
-
-
-def _run(r: StageRunner) -> RunResult:
-    """Record the config, load the data, run every seed's stages, assemble the results, write the report."""
-    _write_config(r)
+    outdir = open_output_dir(out, "run", overwrite=overwrite)   # checked before any work
     t0 = time.perf_counter()
-    train, test = load_splits(r.cfg)
-    timings: dict[str, float] = {"data": time.perf_counter() - t0}
+    data = load_splits(runner.cfg)                              # bad data fails before anything is written
+    with outdir:                                                # owner-only, locked while the run writes
+        return _run(runner, data, {"data": time.perf_counter() - t0})
+
+
+def _run(r: StageRunner, data: tuple[Any, Any], timings: dict[str, float]) -> RunResult:
+    """Record the config, run every seed's stages, assemble the results, write the report."""
+    _write_config(r)
+    train, test = data
     r.echo(f"data: {len(train)} train / {len(test)} test samples")
     seeds = [run_seed(r, seed, train, test) for seed in r.cfg.seeds]
     results = _results(r, train, test, seeds, timings)
-    from fastinf.experiment.report import write_report
-
-    report = write_report(results, r.out)
+    report = _report(r.out, results)
     return RunResult(out=r.out, results=results, report=report, stages_run=r.ran, stages_cached=r.cached)
 
 
 def _write_config(r: StageRunner) -> None:
-    """``config.yaml`` (the replayable record) and ``config_hash.txt`` in the output directory."""
-    r.out.mkdir(parents=True, exist_ok=True)
-    r.cfg.to_yaml(r.out / "config.yaml")
-    (r.out / "config_hash.txt").write_text(r.run_hash + "\n")
+    """``config.yaml`` (the replayable record) and ``config_hash.txt`` in the output directory (rewritten
+    only when they change)."""
+    write_if_changed(r.out / "config.yaml", r.cfg.to_yaml())
+    write_if_changed(r.out / "config_hash.txt", r.run_hash + "\n")
+
+
+def _report(out: Path, results: dict[str, Any]) -> Any:
+    """Write the report, unless ``report.done.json`` says it was written from the same results (all but the
+    data-loading time) and its files are all there: then only complete ``results`` and name the files."""
+    from fastinf.experiment.report import ReportFiles, complete_results, write_report
+
+    digest = config_hash({**results, "timings": {k: v for k, v in results["timings"].items() if k != "data"}},
+                         length=64)
+    marker = out / "report.done.json"
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        done = None
+    if isinstance(done, dict) and done.get("digest") == digest:
+        names = [done["markdown"], done["html"], done["results_json"], *done["plots"]]
+        if done["results_parquet"]:
+            names.append(done["results_parquet"])
+        if all((out / n).is_file() for n in names):
+            complete_results(results)
+            pq = done["results_parquet"]
+            return ReportFiles(markdown=out / done["markdown"], html=out / done["html"],
+                               results_json=out / done["results_json"], results_parquet=out / pq if pq else None,
+                               plots=[out / p for p in done["plots"]])
+    marker.unlink(missing_ok=True)
+    rep = write_report(results, out)
+    record = {"digest": digest, "markdown": rep.markdown.name, "html": rep.html.name,
+              "results_json": rep.results_json.name, "plots": [p.name for p in rep.plots],
+              "results_parquet": rep.results_parquet.name if rep.results_parquet else None}
+    write_if_changed(marker, json.dumps(record, indent=1) + "\n")
+    return rep
 
 
 def _results(r: StageRunner, train, test, seeds: list[SeedRun], timings: dict[str, float]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from fastinf.experiment.plots import plot_cost_quality, plot_layer_curves
 from fastinf.experiment.report_tables import html_table, md_table, report_tables
 from fastinf.experiment.summary import KEY_FIELDS, _isnan, fmt_mean_std, recommend, summarize
 
-__all__ = ["summarize", "recommend", "plot_layer_curves", "plot_cost_quality", "write_report",
+__all__ = ["summarize", "recommend", "plot_layer_curves", "plot_cost_quality", "write_report", "complete_results",
            "ReportFiles", "fmt_mean_std", "compact_table", "KEY_FIELDS"]
 
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -63,8 +63,9 @@ def write_report(results: dict[str, Any], out: str | Path) -> ReportFiles:
     (and stored back into ``results``) when absent. Other optional keys: ``costs``, ``setup``,
     ``train``, ``filter_retrain``, ``timings``, ``config_hash``, ``title``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from fastinf.store.ownership import make_output_dir
+
+    out = make_output_dir(out)                 # a new directory is owner-only (outputs may be private)
     for k in ("rows", "metrics"):
         if k not in results:
             raise ConfigError(f"results must contain {k!r}; found keys {sorted(results)}")
@@ -89,6 +90,12 @@ def write_report(results: dict[str, Any], out: str | Path) -> ReportFiles:
     json_path = _write_json(results, out / "results.json")
     pq_path = _write_parquet(results["rows"], out / "results.parquet")
     return ReportFiles(markdown=md_path, html=html_path, results_json=json_path, results_parquet=pq_path, plots=plots)
+
+
+def complete_results(results: dict[str, Any]) -> None:
+    """Store ``summary`` and ``recommendation`` into ``results`` as :func:`write_report` does, writing nothing."""
+    metrics = list(results["metrics"])
+    _complete(results, metrics, _chance(results.get("setup", {}), metrics[0]))
 
 
 def _chance(setup: Mapping[str, Any], headline: str) -> float:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from fastinf.experiment.config import to_dict
 from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
 from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups
 from fastinf.experiment.retrain import filter_retrain
+from fastinf.experiment.rundir import clear_own_dir
 from fastinf.experiment.stages import StageRunner, marker_hash
 from fastinf.errors import StoreError
 
@@ -102,7 +102,7 @@ def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
     cfg = r.cfg
 
     def do() -> dict[str, Any]:
-        shutil.rmtree(ctx.sdir / "train", ignore_errors=True)
+        clear_own_dir(ctx.sdir / "train", "train")      # an earlier (or interrupted) fine-tune of this seed
         res = finetune(cfg.model, cfg.train, ctx.noisy_train, ctx.test, ctx.sdir / "train", seed=ctx.seed,
                        n_classes=ctx.noise.n_classes, progress=r.progress)
         return {"best_epoch": res.best_epoch}

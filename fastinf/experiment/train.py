@@ -34,6 +34,7 @@ from fastinf.extraction.checkpoint import (  # noqa: F401  (HEAD_NAMES .. resolv
     HEAD_NAMES, build_model, load_checkpoint, resolve_model_path, save_checkpoint,
 )
 from fastinf.errors import DataError
+from fastinf.experiment.rundir import open_output_dir
 
 __all__ = [
     "TextSamples", "Checkpoint", "TrainResult", "build_model", "finetune", "load_checkpoint",
@@ -207,9 +208,17 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     """
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     y = _labels_of(train)
     n_classes = _check_classes(y, heldout, n_classes)
+    with open_output_dir(out, "train"):       # new, empty or a train directory fastinf wrote; locked
+        return _finetune(model_cfg, cfg, train, y, heldout, out, seed=seed, n_classes=n_classes,
+                         progress=progress, t0=t0)
+
+
+def _finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: torch.Tensor,
+              heldout: TextSamples | None, out: Path, *, seed: int, n_classes: int, progress: bool,
+              t0: float) -> TrainResult:
+    """The body of :func:`finetune` inside its locked output directory: epoch 0, the epochs, selection."""
     fit = _setup(model_cfg, cfg, train, y, heldout, seed=seed, n_classes=n_classes)
     h_loss, h_acc = _held(fit)
     checkpoints = [_save(fit, Checkpoint(epoch=0, path=str(out / "ckpt-0"), lr=0.0, mean_lr=0.0, step=0,

@@ -10,6 +10,7 @@ other.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,29 +106,74 @@ def is_fastinf_checkpoint(path: str | Path) -> bool:
     return p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)
 
 
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Write the trainable tensors, then ``checkpoint.json`` (with their sha256), each by atomic rename."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(model), str(path / (_TRAINABLE_FILE + ".tmp")))
-    (path / (_TRAINABLE_FILE + ".tmp")).replace(path / _TRAINABLE_FILE)
-    (path / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = path / (_TRAINABLE_FILE + ".tmp")
+    save_file(_trainable_state(model), str(tmp))
+    meta = {**meta, "trainable_sha256": _sha256(tmp)}
+    tmp.replace(path / _TRAINABLE_FILE)
+    tmp_meta = path / (_META_FILE + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_meta.replace(path / _META_FILE)
+
+
+def _read_meta(path: Path) -> tuple[dict[str, Any], LoraSettings | None, ModelConfig]:
+    """The recipe of a checkpoint directory; a damaged ``checkpoint.json`` is a ConfigError naming it."""
+    f = path / _META_FILE
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        lora = from_dict(LoraSettings, meta["lora"]) if meta["lora"] is not None else None
+        model_cfg = from_dict(ModelConfig, meta["model"])
+        int(meta["n_classes"]), int(meta["seed"])
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {f} holds an invalid recipe: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint {f} is damaged ({type(e).__name__}: {e}); rewrite it with fastinf train") from e
+    return meta, lora, model_cfg
+
+
+def _read_tensors(path: Path, want: str | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = path / _TRAINABLE_FILE
+    if want is not None and _sha256(f) != want:
+        raise ConfigError(f"checkpoint tensors {f} do not match the sha256 in {_META_FILE}: the file is corrupt "
+                          "or was replaced; rewrite the checkpoint with fastinf train")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint tensors {f} are damaged ({e}); rewrite the checkpoint with fastinf train") from e
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, Any]:
     """Rebuild the model of a checkpoint directory (model + tokenizer), in eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / _META_FILE).exists() or not (path / _TRAINABLE_FILE).exists():
         raise ConfigError(f"{path} is not a fastinf checkpoint: expected {_META_FILE} and {_TRAINABLE_FILE}")
-    meta = json.loads((path / _META_FILE).read_text())
-    lora = from_dict(LoraSettings, meta["lora"]) if meta["lora"] is not None else None
-    model, tokenizer = build_model(from_dict(ModelConfig, meta["model"]), meta["n_classes"], lora, seed=meta["seed"])
-    state = load_file(str(path / _TRAINABLE_FILE))
-    missing = set(state) - {n for n, _ in model.named_parameters()}
+    meta, lora, model_cfg = _read_meta(path)
+    state = _read_tensors(path, meta.get("trainable_sha256"))
+    model, tokenizer = build_model(model_cfg, int(meta["n_classes"]), lora, seed=int(meta["seed"]))
+    params = dict(model.named_parameters())
+    missing = set(state) - set(params)
     if missing:
         raise ConfigError(f"checkpoint {path} holds tensors the rebuilt model lacks, e.g. {sorted(missing)[:3]}")
+    wrong = [n for n, t in state.items() if tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise ConfigError(f"checkpoint {path / _TRAINABLE_FILE}: tensor {wrong[0]} has shape "
+                          f"{tuple(state[wrong[0]].shape)}, the rebuilt model's is {tuple(params[wrong[0]].shape)}; "
+                          "the checkpoint does not belong to its recipe")
     model.load_state_dict(state, strict=False)
     model.eval()
     return model, tokenizer

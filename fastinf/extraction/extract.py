@@ -27,6 +27,7 @@ import torch
 from fastinf.data.datasets import TextDataset, as_text_dataset
 from fastinf.errors import ConfigError, DataError
 from fastinf.store import GradientStore, StoreWriter, canonical_dtype
+from fastinf.store.claim import check_free_space, preflight_store
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,13 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     Returns:
         The finished, opened GradientStore.
     """
-    _check_sizes(max_length, batch_size)
+    _check_sizes(max_length, batch_size, chunk_size)
+    preflight_store(out, resume=resume, overwrite=overwrite)  # a foreign or file --out: refused before any work
     run = _prepare(model, tokenizer, dataset, out, layers=layers, proj=proj, task=task, dtype=dtype,
                    batch_size=batch_size, max_length=max_length, seed=seed, token_grads=token_grads, device=device)
     identity = _identity(run, model, model_name)
     rank_, world_, barrier = _dist_info(rank, world)
-    chunk_size = chunk_size or max(run.batch_size, min(4096, run.batch_size * 16))
+    chunk_size = chunk_size if chunk_size is not None else max(run.batch_size, min(4096, run.batch_size * 16))
     writer = StoreWriter(out, identity=identity, units=run.units, feature_dims=run.dims, n=run.n, dtype=run.dtype,
                          chunk_size=chunk_size, n_classes=run.n_classes, extras=run.extras, resume=resume,
                          overwrite=overwrite, rank=rank_, world=world_, barrier=barrier)
@@ -131,8 +133,10 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
         for chunk in pending:
             _extract_chunk(run, model, tokenizer, writer, chunk, stats, bar)
         store = writer.finalize()
+    except BaseException:
+        writer.abort()  # quietly (the original error surfaces); a store this call made and never filled goes
+        raise
     finally:
-        writer.close()
         bar.close()
     stats.seconds += time.perf_counter() - t_start
     if store.nonfinite and rank_ == 0:
@@ -162,12 +166,15 @@ class _Run:
     token_grads: bool
 
 
-def _check_sizes(max_length: int, batch_size: int | None) -> None:
-    """Reject a non-positive ``max_length`` or ``batch_size``."""
+def _check_sizes(max_length: int, batch_size: int | None, chunk_size: int | None = None) -> None:
+    """Reject a non-positive ``max_length``, ``batch_size`` or ``chunk_size`` (never a silent default)."""
     if max_length <= 0:
         raise ConfigError(f"max_length must be positive, got {max_length}")
     if batch_size is not None and batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+                                   or chunk_size <= 0):
+        raise ConfigError(f"chunk_size must be a positive integer (rows per crash-safe chunk), got {chunk_size!r}")
 
 
 def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike, *, layers: Any,
@@ -176,7 +183,8 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os
     """Resolve the arguments of :func:`extract`: dataset and task, device and units, length, batch, projectors."""
     from fastinf.extraction.models import make_task
     from fastinf.extraction.plan import auto_batch_size
-    from fastinf.extraction.projection import ProjectionSpec, UnitProjector, feature_dim
+    from fastinf.extraction.sizes import store_bytes
+    from fastinf.extraction.projection import ProjectionSpec, UnitProjector, check_fits, feature_dim
 
     dtype = canonical_dtype(dtype)
     spec = ProjectionSpec.parse(proj, seed=seed) if isinstance(proj, str) else proj
@@ -184,16 +192,19 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os
     task_name = getattr(task_obj, "name", str(task))
     ds, n_classes = _dataset_for(model, tokenizer, dataset, task_name)
     device, units = _units_on_device(model, layers, token_grads, device)
+    check_fits(units, spec)  # an oversized --proj is refused before any matrix or file is allocated
     max_length = _capped_max_length(model, max_length)
-    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
-        batch_size = _previous_batch_size(out) or auto_batch_size(
-            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=len(ds))
-    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
     dims = {u.name: feature_dim(u, spec) for u in units}
     emb = next((u for u in units if u.kind == "embedding"), None)
     extras = {}
     if token_grads:
         extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
+    if not (Path(out) / "manifest.json").exists():  # a new store must fit on disk before any heavy work
+        check_free_space(Path(out), store_bytes(len(ds), dims, dtype, n_classes, extras))
+    if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
+        batch_size = _previous_batch_size(out) or auto_batch_size(
+            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=len(ds))
+    projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
     return _Run(ds=ds, n=len(ds), task_obj=task_obj, task_name=task_name, n_classes=n_classes, device=device,
                 units=units, emb=emb, spec=spec, dtype=dtype, max_length=max_length, batch_size=batch_size,
                 projectors=projectors, dims=dims, extras=extras, token_grads=token_grads)
@@ -244,8 +255,12 @@ def _capped_max_length(model: torch.nn.Module, max_length: int) -> int:
 def _identity(run: _Run, model: torch.nn.Module, model_name: str | None) -> dict:
     """The store identity: model fingerprint, projection, task, sizes and dataset fingerprint."""
     spec = run.spec
+    model_id = {**model_fingerprint(model), **({"name": model_name} if model_name else {})}
+    head = getattr(getattr(model, "config", None), "fastinf_head", None)
+    if head:  # a newly initialised, seeded head (informational: the fingerprint hashes its weights)
+        model_id["head"] = json.loads(json.dumps(head, sort_keys=True, default=str))
     return {
-        "model": {**model_fingerprint(model), **({"name": model_name} if model_name else {})},
+        "model": model_id,
         "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
         "task": run.task_name,
         "max_length": int(run.max_length),
@@ -382,4 +397,6 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 def write_run_config(out: str | os.PathLike, args: dict) -> None:
     """Write the replayable command configuration next to a store (``extract_config.json``)."""
     p = Path(out) / "extract_config.json"
-    p.write_text(json.dumps(args, indent=1, sort_keys=True, default=str) + "\n")
+    tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # a store entry (STORE_KIND) until renamed
+    tmp.write_text(json.dumps(args, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, p)

@@ -9,12 +9,13 @@ Because each ``ℓ_n`` depends only on sample ``n`` (models run in eval mode, pa
 * ``CausalLM``: mean next-token NLL over the sample's non-padding target tokens.
 * ``CustomLoss(fn)``: any ``fn(model, batch) -> loss [B]`` or ``(loss [B], logits)``.
 
-``load_model(name)`` knows two packaged names: ``"minilm"`` (all-MiniLM-L6-v2 with a fresh
-classification head) and ``"smollm2"`` (SmolLM2-135M-Instruct from its GGUF file); anything else is a
+``load_model(name)`` knows two packaged names: ``"minilm"`` (all-MiniLM-L6-v2 with a new
+classification head, initialised from ``head_seed`` so that every load is the same model) and ``"smollm2"`` (SmolLM2-135M-Instruct from its GGUF file); anything else is a
 Hub id or a local path.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,8 @@ from fastinf.extraction.packaged import packaged_model_path
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 TASK_NAMES = ("seq-cls", "causal-lm")
+
+log = logging.getLogger(__name__)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,9 +90,14 @@ class SequenceClassification(Task):
                               "is this a causal-LM model? Use task='causal-lm'.")
         labels = batch["labels"].to(logits.device).long()
         C = logits.shape[1]
+        if C < 2:
+            raise ConfigError(f"Sequence classification needs >= 2 classes, but the model has a {C}-logit head "
+                              "(its cross-entropy is 0 and every gradient 0); load it with num_labels >= 2.")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
-            raise DataError(f"Labels must lie in [0, {C}) for a {C}-class head; found range "
-                            f"[{int(labels.min())}, {int(labels.max())}]. Set num_labels when loading the model.")
+            bad = int(labels.max()) if int(labels.max()) >= C else int(labels.min())
+            raise DataError(f"Labels must lie in [0, {C}) for the model's {C}-class head; label {bad} does not "
+                            f"(found range [{int(labels.min())}, {int(labels.max())}]). Fix the labels or use a "
+                            "model whose head has enough classes.")
         return F.cross_entropy(logits.float(), labels, reduction="none"), logits
 
     def predictions(self, logits, batch):
@@ -192,25 +200,32 @@ def make_task(task: "str | Task | Callable") -> Task:
 
 def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_labels: int | None = None,
                dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+               device: str | torch.device = "cpu", head_seed: int = 0) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` in eval mode.
 
     ``task`` picks the head: "seq-cls" (AutoModelForSequenceClassification; ``num_labels`` defaults to
     the checkpoint's, or 2 for a headless checkpoint such as "minilm") or "causal-lm"
     (AutoModelForCausalLM). GGUF checkpoints are dequantised by transformers (``gguf_file``).
     A tokenizer without a pad token gets its EOS token as pad, and the model config is told.
+
+    A classification head the checkpoint lacks (transformers reports its parameters as missing) is
+    initialised under a forked torch RNG seeded with ``head_seed``, so every load gives the same model;
+    ``model.config.fastinf_head = {"seed": head_seed, "initialised": [parameter names]}`` records it.
+    A checkpoint's trained head is kept when the data needs fewer classes (``num_labels`` below its size)
+    and refused when it needs more. ``task="causal-lm"`` is refused for a model without a trained LM head.
     """
-    dtype = _checked_load_args(task, num_labels, dtype)
+    dtype = _checked_load_args(task, num_labels, dtype, head_seed)
     from fastinf.extraction.checkpoint import is_fastinf_checkpoint  # noqa: PLC0415
 
     if is_fastinf_checkpoint(name_or_path):  # a `fastinf train` checkpoint (trainable tensors + recipe)
         from fastinf.extraction.checkpoint import load_checkpoint  # noqa: PLC0415
 
-        model, tok = load_checkpoint(name_or_path)
         if task != "seq-cls":
             raise ConfigError(f"{name_or_path} is a fastinf sequence-classification checkpoint; use task='seq-cls'.")
+        model, tok = load_checkpoint(name_or_path)
+        _check_head_size(name_or_path, int(getattr(model.config, "num_labels", 0) or 0), num_labels)
         return model.to(device=device, dtype=dtype).eval(), tok
-    model, tok = _load_hf(name_or_path, task, num_labels, dtype, gguf_file)
+    model, tok = _load_hf(name_or_path, task, num_labels, dtype, gguf_file, head_seed)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
@@ -220,12 +235,16 @@ def load_model(name_or_path: str | os.PathLike, task: str = "seq-cls", num_label
     return model, tok
 
 
-def _checked_load_args(task: str, num_labels: int | None, dtype: torch.dtype | str) -> torch.dtype:
-    """Validate the task and ``num_labels`` of :func:`load_model`; the torch dtype named by ``dtype``."""
+def _checked_load_args(task: str, num_labels: int | None, dtype: torch.dtype | str,
+                       head_seed: int = 0) -> torch.dtype:
+    """Validate the task, ``num_labels`` and ``head_seed`` of :func:`load_model`; the torch dtype named by ``dtype``."""
     if task not in TASK_NAMES:
         raise ConfigError(f"load_model task must be one of {TASK_NAMES}, got {task!r}.")
-    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
-        raise ConfigError(f"num_labels must be a positive int, got {num_labels!r}.")
+    if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"num_labels must be a positive int, got {num_labels!r}.")
+    if isinstance(head_seed, bool) or not isinstance(head_seed, int) or head_seed < 0:
+        raise ConfigError(f"head_seed must be a non-negative int, got {head_seed!r}.")
     if isinstance(dtype, str):
         try:
             dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -236,30 +255,92 @@ def _checked_load_args(task: str, num_labels: int | None, dtype: torch.dtype | s
     return dtype
 
 
+_CLASSIFIER_ARCHS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                     "ForMultipleChoice")
+_WARNED_HEADS: set[str] = set()
+
+
+def _check_head_size(name: Any, head: int, num_labels: int | None) -> None:
+    """Refuse data that needs more classes than a trained head of ``head`` classes has."""
+    if num_labels is not None and head and num_labels > head:
+        raise DataError(f"model {str(name)!r} has a trained {head}-class head, but the data needs {num_labels} "
+                        f"classes (label {num_labels - 1} >= {head}); fix the labels or fine-tune a "
+                        f"{num_labels}-class model first (fastinf train).")
+
+
+def _head_size(config: Any, num_labels: int | None, name: Any) -> int:
+    """Classes of the seq-cls head to build: a trained head keeps its size (fewer data classes are fine)."""
+    archs = getattr(config, "architectures", None) or []
+    if not any("SequenceClassification" in a for a in archs):
+        if num_labels == 1:
+            raise DataError(f"model {str(name)!r} needs a new classification head, and num_labels=1 would make it "
+                            "1-logit (zero loss, all-zero gradients): sequence classification needs >= 2 classes. "
+                            "If the data holds one class only, pass the task's class count (--num-labels).")
+        return num_labels or 2
+    head = int(getattr(config, "num_labels", 2))
+    if head < 2:
+        raise ConfigError(f"model {str(name)!r} has a {head}-output head (a regressor?); sequence classification "
+                          "needs a head of >= 2 classes.")
+    _check_head_size(name, head, num_labels)
+    return head
+
+
+def check_lm_task(config: Any, name: Any) -> None:
+    """Refuse ``task='causal-lm'`` for a checkpoint that is a classifier (its LM head would be random)."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and all(any(s in a for s in _CLASSIFIER_ARCHS) for a in archs):
+        raise ConfigError(f"model {str(name)!r} is a classifier ({archs[0]}): it has no trained language-model "
+                          "head, so task 'causal-lm' would score a random one; use task 'seq-cls', or a causal "
+                          "LM checkpoint.")
+
+
+def _record_new_params(model: nn.Module, name: Any, task: str, missing: list[str], head_seed: int) -> None:
+    """Refuse an LM with newly initialised weights; record (and warn once about) a seeded new head."""
+    if not missing:
+        return
+    if task == "causal-lm":
+        raise ConfigError(f"model {str(name)!r} has no trained language-model head (transformers would initialise "
+                          f"{', '.join(missing[:4])} at random); task 'causal-lm' needs a causal LM checkpoint.")
+    model.config.fastinf_head = {"seed": int(head_seed), "initialised": list(missing)}
+    key = f"{name}|{head_seed}"
+    if key not in _WARNED_HEADS:
+        _WARNED_HEADS.add(key)
+        log.warning("model %r has no trained classification head: %s initialised from seed %d. Influence "
+                    "scores then describe an untrained classifier; fine-tune first (fastinf train) for "
+                    "scores that mean something.", str(name), ", ".join(missing[:4]), head_seed)
+
+
 def _load_hf(name_or_path: str | os.PathLike, task: str, num_labels: int | None, dtype: torch.dtype,
-             gguf_file: str | None) -> tuple[nn.Module, Any]:
+             gguf_file: str | None, head_seed: int = 0) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from transformers: a Hub id, a local directory or a packaged model (GGUF too)."""
     import transformers as tf  # noqa: PLC0415 - heavy import kept out of `import fastinf`
 
     path, packaged_gguf = packaged_model_path(str(name_or_path))
     gguf_file = gguf_file or packaged_gguf
-    kw: dict[str, Any] = {"dtype": dtype}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
+    g: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = tf.AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-        if task == "seq-cls":
-            config = tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-            archs = getattr(config, "architectures", None) or []
-            has_head = any("SequenceClassification" in a for a in archs)
-            if num_labels is not None:
-                kw["num_labels"] = num_labels
-            elif not has_head:
-                kw["num_labels"] = 2
-            model = tf.AutoModelForSequenceClassification.from_pretrained(path, **kw)
-        else:
-            model = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
+        tok = tf.AutoTokenizer.from_pretrained(path, **g)
+        config = tf.AutoConfig.from_pretrained(path, **g)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"Cannot load model {str(name_or_path)!r} for task {task!r}: {e}. Expected a Hub id "
-                          "(cached, since runs are offline), a local directory, 'minilm' or 'smollm2'.") from e
+        raise _load_error(name_or_path, task, e) from e
+    kw: dict[str, Any] = {"dtype": dtype, **g}
+    if task == "seq-cls":
+        kw["num_labels"] = _head_size(config, num_labels, name_or_path)
+        auto = tf.AutoModelForSequenceClassification
+    else:
+        check_lm_task(config, name_or_path)
+        auto = tf.AutoModelForCausalLM
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed)
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _load_error(name_or_path, task, e) from e
+    _record_new_params(model, name_or_path, task, sorted((info or {}).get("missing_keys") or []), head_seed)
     return model, tok
+
+
+def _load_error(name: Any, task: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ConfigError(f"Cannot load model {str(name)!r} for task {task!r}: {first}. Expected a Hub id "
+                       "(cached, since runs are offline), a local directory, 'minilm' or 'smollm2'.")

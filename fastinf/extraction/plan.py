@@ -238,7 +238,7 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
     """
     import torch
 
-    from fastinf.extraction.projection import ProjectionSpec
+    from fastinf.extraction.projection import ProjectionSpec, check_fits
     from fastinf.store import canonical_dtype
 
     _check_plan_args(n, m, max_length, fraction, method)
@@ -246,6 +246,7 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
     spec = ProjectionSpec.parse(proj) if not isinstance(proj, ProjectionSpec) else proj
     model = model_or_units if isinstance(model_or_units, torch.nn.Module) else None
     all_units, units = _plan_units(model, model_or_units, layers)
+    check_fits(units, spec)  # refused before the probe builds any projection matrix
     T = int(max_length)
     notes: list[str] = []
     param_bytes, dev, act, source = _model_costs(model, all_units, units, spec, T, task, device, probe, notes)

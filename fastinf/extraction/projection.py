@@ -325,6 +325,35 @@ class UnitProjector:
         return _kron_project(x, g, mask, self.P_in, self.P_out, u.bias).reshape(B, -1)
 
 
+def check_fits(units: list[Unit], spec: ProjectionSpec) -> None:
+    """Refuse (never cap) a Kronecker projection larger than the selected units can use.
+
+    A unit's gradient is ``d_out x (d_in + bias)``; projecting it to more than that adds no information,
+    only bytes. Refused, with the unit and its dims named: a ``k_out`` or ``k_in`` above every dimension of
+    every selected unit (no unit has that many features on either side), and a unit that the projection
+    exceeds on both sides (its features would outnumber its exact gradient). A projection larger on one
+    side only (e.g. 16x16 on a 2-class head) stays allowed: its matrix has orthonormal columns and
+    preserves inner products exactly. Called before any matrix is generated or file allocated.
+    """
+    if spec.kind != "kron" or not units:
+        return
+    widest = max(units, key=lambda u: max(u.d_out, u.d_in + int(u.bias)))
+    d_max = max(widest.d_out, widest.d_in + int(widest.bias))
+    if max(spec.k_out, spec.k_in) > d_max:
+        raise ConfigError(f"projection {spec} is larger than any dimension of the selected units (the largest "
+                          f"is {widest.name!r}, {widest.d_out} x {widest.d_in}{' + bias' if widest.bias else ''}); "
+                          "fastinf refuses oversized projections instead of capping them: use KOUTxKIN with both "
+                          f"at most {d_max} (e.g. 16x16), or --proj exact")
+    for u in units:
+        d_in = u.d_in + int(u.bias)
+        if spec.k_out > u.d_out and spec.k_in > d_in:
+            raise ConfigError(f"projection {spec} is larger than unit {u.name!r} ({u.d_out} x {u.d_in}"
+                              f"{' + bias' if u.bias else ''}) on both sides: its {spec.k_out * spec.k_in} features "
+                              f"would exceed its exact gradient ({u.exact_dim}); fastinf refuses it instead of "
+                              f"capping: use at most {u.d_out}x{d_in} for this unit, another --layers "
+                              "selection, or --proj exact")
+
+
 def make_projectors(units: list[Unit], spec: ProjectionSpec, device: torch.device | str = "cpu") -> dict[str, UnitProjector]:
     """One ``UnitProjector`` per unit, keyed by unit name."""
     return {u.name: UnitProjector(u, spec, device) for u in units}

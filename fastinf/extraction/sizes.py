@@ -64,6 +64,17 @@ def device_memory_bytes(device: Any = None) -> int:
     except ImportError:  # pragma: no cover - psutil is a test dependency, not a runtime one
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
+
+def store_bytes(n: int, feature_dims: dict[str, int], dtype: str, n_classes: int | None = None,
+                extras: dict[str, tuple[tuple[int, ...], str]] | None = None) -> int:
+    """Bytes the store's files of ``n`` rows take on disk (features, metadata, logits, extras; headers excluded)."""
+    import numpy as np
+
+    row = sum(feature_dims.values()) * _ITEMSIZE[dtype] + META_BYTES_PER_SAMPLE + 4 * int(n_classes or 0)
+    for shape, dt in (extras or {}).values():
+        row += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    return int(n) * int(row)
+
 # ---------------------------------------------------------------------------------------------- models
 
 def _score_bytes(k: int, m: int, b: int, dtype: str) -> int:

@@ -18,7 +18,14 @@ import numpy as np
 
 from fastinf.errors import ConfigError
 from fastinf.retrieval import backends as sb
-from fastinf.retrieval.build_dir import _check_resumable, _drop_temp_files, _prepare_dir, _release, _write_index
+from fastinf.retrieval.build_dir import (
+    _check_resumable,
+    _clear,
+    _drop_temp_files,
+    _prepare_dir,
+    _release,
+    _write_index,
+)
 from fastinf.retrieval.features import GroupFeatures, _open_store, _refuse_nonfinite
 from fastinf.retrieval.groups import _resolve_groups, _slug, _spec_name
 from fastinf.retrieval.index import Index, open_index
@@ -32,6 +39,7 @@ from fastinf.retrieval.index_store import (
     write_manifest,
 )
 from fastinf.retrieval.precond import _PRECONDITIONED, _precond_fingerprints
+from fastinf.scoring.score_files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
                 backend: str = "auto", name: str | None = None, out: str | os.PathLike | None = None,
                 nprobe: int | None = None, train_size: int | None = None, seed: int = 0,
                 block_size: int = 65536, overwrite: bool = False, resume: bool = False,
-                precond_kwargs: Mapping[str, Any] | None = None) -> "Index":
+                precond_kwargs: Mapping[str, Any] | None = None, exist_ok: bool = False) -> "Index":
     """Build an inner-product index over the train ``store``, streaming it in blocks.
 
     Args:
@@ -75,19 +83,28 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
             finished group files are kept, the rest are built; the result is byte-identical to an
             uninterrupted build. A finished index of the same request is returned as it is.
         precond_kwargs: passed to ``fit_preconditioner`` (``damping``, ``rank``, ...).
+        exist_ok: return a finished index of the same request in the directory instead of refusing it
+            (a different request is still refused naming the difference; what the CLI does on a rerun).
+    Everything is validated (groups, factory, IVF list count) before the directory is touched; a build
+    refused for bad input (ConfigError) removes what it wrote, so the corrected command runs as is.
     Returns:
         The opened :class:`Index`.
     """
     t0 = time.perf_counter()
     store = _open_store(store)
     precond_kwargs = _check_args(store, method=method, backend=backend, block_size=block_size,
-                                 train_size=train_size, overwrite=overwrite, resume=resume,
+                                 train_size=train_size, nprobe=nprobe, overwrite=overwrite, resume=resume,
                                  precond_kwargs=precond_kwargs)
     backend = _resolve_backend(backend)
     group_specs = _resolve_groups(store, layers, groups, weights)
+    if backend == "faiss":
+        _check_factory(store, group_specs, factory, train_size)
     name = name or _slug(f"{method}-{factory if backend == 'faiss' else 'exact'}-{_spec_name(layers or 'all')}")
     directory = Path(out) if out is not None else default_index_dir(store.path, name)
+    if exist_ok and not overwrite and (directory / INDEX_MANIFEST).is_file():
+        resume = True   # a finished index: returned if it is this request, refused naming the difference if not
 
+    fresh = not resume
     lock = _prepare_dir(directory, overwrite=overwrite, resume=resume)
     try:
         request = _build_request(store, group_specs, method=method, backend=backend, factory=factory,
@@ -104,13 +121,17 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
                              build={"train_size": used_train, "seed": seed, "block_size": block_size,
                                     "nlist": n_lists, "seconds": round(time.perf_counter() - t0, 3)})
         write_manifest(directory, manifest)
+    except ConfigError:
+        if fresh:   # bad input found late (e.g. FAISS training): leave nothing that blocks the corrected command
+            _clear(directory)
+        raise
     finally:
         _release(lock, directory)
     return Index(directory, manifest, store, _precond_kwargs=precond_kwargs)
 
 
 def _check_args(store: Any, *, method: str, backend: str, block_size: int, train_size: int | None,
-                overwrite: bool, resume: bool, precond_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+                nprobe: int | None, overwrite: bool, resume: bool, precond_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Refuse an invalid request before touching any directory; returns ``precond_kwargs`` as a dict."""
     if method not in METHODS:
         raise ConfigError(f"retrieval method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -123,6 +144,8 @@ def _check_args(store: Any, *, method: str, backend: str, block_size: int, train
         raise ConfigError(f"block_size must be positive, got {block_size}")
     if train_size is not None and train_size <= 0:
         raise ConfigError(f"train_size must be positive, got {train_size}")
+    if nprobe is not None and nprobe <= 0:
+        raise ConfigError(f"nprobe must be positive, got {nprobe}")
     if overwrite and resume:
         raise ConfigError("overwrite and resume exclude each other: resume continues an interrupted build in "
                           "place, overwrite discards it and starts over; pass one of them")
@@ -130,6 +153,20 @@ def _check_args(store: Any, *, method: str, backend: str, block_size: int, train
     if precond_kwargs and method not in _PRECONDITIONED:
         raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa, not {method}")
     return precond_kwargs
+
+
+def _check_factory(store: Any, group_specs: Sequence[GroupSpec], factory: str, train_size: int | None) -> None:
+    """Refuse a factory FAISS cannot build for some group, or an IVF index with more lists than training
+    rows, before anything is written."""
+    for g in group_specs:
+        index = sb.make_index(g.dim, factory)
+        n_lists = sb.nlist(index)
+        size = min(store.n, train_size or _default_train_size(store.n, n_lists))
+        if not index.is_trained and n_lists is not None and size < n_lists:
+            raise ConfigError(f"FAISS cannot train {factory!r}: an IVF index with {n_lists} lists needs at least "
+                              f"{n_lists} (ideally 39x that) training rows, but only {size} are available (store "
+                              f"{store.path} has {store.n} rows); use fewer lists, e.g. "
+                              f"'IVF{max(1, int(np.sqrt(size)))},Flat', or 'Flat'")
 
 
 def _resolve_backend(backend: str) -> str:
@@ -210,7 +247,8 @@ def _build_groups(store: Any, directory: Path, group_specs: Sequence[GroupSpec],
             index = sb.populate(index, sample, feats.blocks(block_size), factory)
             _write_index(index, path)
             log.info("index group %s: %d rows x %d dims (%s)", g.name, index.ntotal, g.dim, factory)
-        built.append(GroupSpec(g.name, g.units, g.weights, g.dims, file=file, nbytes=path.stat().st_size))
+        built.append(GroupSpec(g.name, g.units, g.weights, g.dims, file=file, nbytes=path.stat().st_size,
+                               sha256=sha256_file(path)))
     return built, n_lists, used_train
 
 

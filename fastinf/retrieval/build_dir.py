@@ -16,7 +16,9 @@ from typing import Any, Mapping
 from fastinf.errors import ConfigError, StoreError, StoreMismatchError
 from fastinf.retrieval import backends as sb
 from fastinf.retrieval.index_store import (
+    BUILD_KIND,
     BUILD_RECORD,
+    INDEX_KIND,
     INDEX_MANIFEST,
     LOCKS_DIR,
     diff_build_records,
@@ -24,6 +26,7 @@ from fastinf.retrieval.index_store import (
     is_temp_entry,
 )
 from fastinf.store import fsync_dir
+from fastinf.store.ownership import check_removable, make_output_dir
 
 
 def _check_resumable(directory: Path, recorded: Mapping[str, Any] | None, request: Mapping[str, Any],
@@ -37,6 +40,11 @@ def _check_resumable(directory: Path, recorded: Mapping[str, Any] | None, reques
                              "what was requested is unknown; rebuild it with --overwrite (overwrite=True)")
         return
     diff = diff_build_records(recorded, request, skip=skip)
+    if diff is not None and (directory / INDEX_MANIFEST).is_file():
+        raise StoreMismatchError(
+            f"{directory} already holds a finished index of a different request than this one ({diff}; "
+            f"recorded in {BUILD_RECORD}). Choose another --name/--out, or rebuild it with --overwrite "
+            "(overwrite=True)")
     if diff is not None:
         raise StoreMismatchError(
             f"cannot resume the index build in {directory}: this request differs from the interrupted build "
@@ -75,11 +83,12 @@ def _prepare_dir(directory: Path, *, overwrite: bool, resume: bool) -> Any:
     from fastinf.store import WriterLock
 
     _refuse_existing(directory, overwrite=overwrite, resume=resume)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_output_dir(directory)
     lock = WriterLock(directory / LOCKS_DIR / "build.lock")  # a concurrent build of this directory is refused
     lock.acquire()
     try:
         if overwrite:
+            _refuse_existing(directory, overwrite=overwrite, resume=resume)   # again, now that we hold the lock
             _clear(directory)
     except BaseException:
         _release(lock, directory)
@@ -98,6 +107,18 @@ def _refuse_existing(directory: Path, *, overwrite: bool, resume: bool) -> None:
     if foreign:
         raise ConfigError(f"{directory} holds files that are not part of a fastinf index ({foreign[:3]}); refusing "
                           f"to {'resume in' if resume else 'overwrite'} it: choose an empty or new --out directory")
+    if overwrite and (INDEX_MANIFEST in entries or BUILD_RECORD in entries):
+        _check_own_marker(directory)
+
+
+def _check_own_marker(directory: Path) -> None:
+    """``--overwrite`` of a directory with a manifest or build record: one of them must be fastinf's own
+    (``fastinf.store.ownership``); a directory of index-named files without either (a build by a fastinf
+    without build records, killed before its manifest) holds only index entries and may be cleared too."""
+    try:
+        check_removable(directory, INDEX_KIND, what="overwrite=True (--overwrite)")
+    except ConfigError:
+        check_removable(directory, BUILD_KIND, what="overwrite=True (--overwrite)")
 
 
 def _clear(directory: Path) -> None:

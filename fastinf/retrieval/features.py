@@ -40,11 +40,38 @@ class GroupFeatures:
             yield parts[0][0], self._finish([p[1] for p in parts], np.float32)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """float64 ``[len(rows), D]`` for sorted, unique ``rows``."""
+        """float64 ``[len(rows), D]`` for sorted, unique ``rows``; their store chunks are checksummed first."""
         from fastinf.store import from_storage
 
+        for u in self.group.units:
+            verify_rows(self.store, u, rows)
         parts = [from_storage(self.store.features(u)[rows], self.store.dtype) for u in self.group.units]
         return self._finish(parts, np.float64)
+
+
+def verify_rows(store: Any, unit: str, rows: np.ndarray) -> None:
+    """Check the checksums of the store chunks holding ``rows`` of ``unit`` (each chunk once per store object).
+
+    Goes through the store's verified read path (``iter_blocks``), reading one row per chunk: the store
+    checksums the whole chunk on its first read and remembers it, so repeated searches cost nothing more. A
+    corrupt chunk raises CorruptStoreError naming the unit and chunk.
+    """
+    rows = np.asarray(rows)
+    c = max(1, int(store.chunk_size))
+    for chunk in np.unique(rows // c) if rows.size else ():
+        _touch(store, unit, int(chunk) * c)
+
+
+def verify_chunks(store: Any, unit: str, a: int, b: int) -> None:
+    """``verify_rows`` for the row range ``[a, b)``."""
+    c = max(1, int(store.chunk_size))
+    for chunk in range(a // c, (b - 1) // c + 1) if b > a else ():
+        _touch(store, unit, chunk * c)
+
+
+def _touch(store: Any, unit: str, row: int) -> None:
+    for _ in store.iter_blocks(unit, 1, start=row, stop=row + 1):
+        pass
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

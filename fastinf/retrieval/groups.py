@@ -29,6 +29,12 @@ def _resolve_groups(store: Any, layers: str | Sequence[str] | None, groups: Any,
         raise ConfigError(f"weights name units that are not selected: {unknown[:5]}; selected: {chosen[:8]}")
     if any(not np.isfinite(w) or w <= 0 for w in weights.values()):
         raise ConfigError(f"unit weights must be positive finite numbers; got {weights}")
+    if not named:
+        raise ConfigError(f"groups {groups!r} name no group; give 'unit', 'joint', selectors (CLI: separated by "
+                          "';', e.g. 'attn.v;mlp.down') or a {name: selector} dict")
+    empty = [n for n, us in named if not us]
+    if empty:
+        raise ConfigError(f"group(s) {empty[:5]} select no unit; selected units: {chosen[:8]}")
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ConfigError(f"group names must be unique; got {names}")

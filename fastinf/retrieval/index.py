@@ -44,10 +44,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fastinf.errors import ConfigError, StoreError
+from fastinf.errors import ConfigError, CorruptStoreError, StoreError
 from fastinf.retrieval import backends as sb
 from fastinf.retrieval.features import GroupFeatures, _l2_normalize, _open_store
-from fastinf.retrieval.index_store import GroupSpec, IndexManifest, check_against_store, read_manifest
+from fastinf.retrieval.index_store import (
+    GroupSpec,
+    IndexManifest,
+    check_against_store,
+    read_manifest,
+    verify_group_file,
+)
 from fastinf.retrieval.precond import _PRECONDITIONED, _fit_checked, _parse_kwarg
 from fastinf.retrieval.queries import _as_queries, _Queries
 from fastinf.retrieval.query_aggregate import HOWS, _aggregate_block
@@ -126,8 +132,16 @@ class Index:
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     # -------------------------------------------------------------- candidates and exact scores
+    def verify(self) -> list[str]:
+        """Recompute every index file's SHA-256 (and size); return the problems found (empty list = intact)."""
+        return [p for g in self.groups if (p := verify_group_file(self.directory, g)) is not None]
+
     def _faiss_index(self, group: GroupSpec) -> Any:
         if group.name not in self._faiss:
+            problem = verify_group_file(self.directory, group)   # once per group, before FAISS reads it
+            if problem is not None:
+                raise CorruptStoreError(f"index {self.directory}: {problem}; rebuild the index with "
+                                        f"`fastinf index build {self.store.path} --overwrite ...`")
             index = sb.read(str(self.directory / group.file))
             if index.ntotal != self.n or index.d != group.dim:
                 raise StoreError(f"index file {group.file} holds {index.ntotal} x {index.d} vectors; the manifest "
@@ -182,7 +196,7 @@ class Index:
             device: torch device of the exact backend (default CUDA if present).
         """
         q = self._as_queries(queries)
-        rerank_factor = self._check_search(k, direction, aggregate, query_block, block_size, rerank_factor)
+        rerank_factor = self._check_search(k, direction, aggregate, query_block, block_size, rerank_factor, nprobe)
         kk = min(self.n, k * rerank_factor)
         dirs = ["proponents", "opponents"] if direction == "both" else [direction]
         train_ids = np.asarray(self.store.meta.ids)
@@ -197,7 +211,7 @@ class Index:
         return _canonical_order(SearchResult.concat(parts, info=info))
 
     def _check_search(self, k: int, direction: str, aggregate: str | None, query_block: int, block_size: int,
-                      rerank_factor: int | None) -> int:
+                      rerank_factor: int | None, nprobe: int | None = None) -> int:
         """Refuse invalid search arguments; returns the rerank factor (default 4 for lossy codes, else 1)."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
@@ -207,6 +221,8 @@ class Index:
             raise ConfigError(f"aggregate must be one of {', '.join(HOWS)} or None; got {aggregate!r}")
         if query_block <= 0 or block_size <= 0:
             raise ConfigError("query_block and block_size must be positive")
+        if nprobe is not None and (isinstance(nprobe, bool) or nprobe < 1):
+            raise ConfigError(f"nprobe must be a positive number of IVF lists; got {nprobe!r}")
         if rerank_factor is None:
             lossy = self.manifest.factory is not None and sb.is_lossy(self.manifest.factory)
             rerank_factor = 4 if lossy else 1

@@ -26,6 +26,7 @@ differs and how to rebuild.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -35,6 +36,9 @@ from typing import Any, Mapping
 
 from fastinf.errors import StoreError, StoreMismatchError
 from fastinf.store import atomic_write_json
+from fastinf.store.ownership import ArtifactKind
+
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "fastinf-index"
 INDEX_FORMAT_VERSION = 1
@@ -64,6 +68,7 @@ class GroupSpec:
     dims: tuple[int, ...]
     file: str | None = None  # FAISS file inside the index directory (None for the exact backend)
     nbytes: int | None = None  # size of ``file`` when it was written
+    sha256: str | None = None  # SHA-256 of ``file`` (None in indexes built before checksums were recorded)
 
     @property
     def dim(self) -> int:
@@ -72,12 +77,14 @@ class GroupSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "units": list(self.units), "weights": list(self.weights),
-                "dims": list(self.dims), "dim": self.dim, "file": self.file, "nbytes": self.nbytes}
+                "dims": list(self.dims), "dim": self.dim, "file": self.file, "nbytes": self.nbytes,
+                "sha256": self.sha256}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GroupSpec":
         return cls(name=d["name"], units=tuple(d["units"]), weights=tuple(float(w) for w in d["weights"]),
-                   dims=tuple(int(x) for x in d["dims"]), file=d.get("file"), nbytes=d.get("nbytes"))
+                   dims=tuple(int(x) for x in d["dims"]), file=d.get("file"), nbytes=d.get("nbytes"),
+                   sha256=d.get("sha256"))
 
 
 @dataclass
@@ -123,6 +130,22 @@ def is_index_entry(name: str) -> bool:
     return _INDEX_ENTRY.fullmatch(name) is not None
 
 
+def _is_own_manifest(m: Mapping[str, Any]) -> bool:
+    return m.get("format") == INDEX_FORMAT
+
+
+def _is_own_build_record(m: Mapping[str, Any]) -> bool:
+    return m.get("format") == BUILD_FORMAT
+
+
+# What ``--overwrite`` may clear (``fastinf.store.ownership``): a directory of index entries only, recognised by
+# its manifest (a finished index) or by its build record (an interrupted build).
+INDEX_KIND = ArtifactKind("fastinf index", INDEX_MANIFEST, entries=lambda n: is_index_entry(n),
+                          is_own=_is_own_manifest)
+BUILD_KIND = ArtifactKind("fastinf index", BUILD_RECORD, entries=lambda n: is_index_entry(n),
+                          is_own=_is_own_build_record)
+
+
 def is_temp_entry(name: str) -> bool:
     """Whether ``name`` is the temp file of an unfinished atomic write (left behind by a killed build)."""
     return _TEMP_ENTRY.fullmatch(name) is not None
@@ -151,9 +174,11 @@ def read_build_record(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise StoreError(f"{path} is unreadable ({e}); the interrupted build cannot be resumed, rebuild it "
                          "with --overwrite") from e
+    if not isinstance(d, dict):
+        d = {"format": None, "format_version": None}
     if d.get("format") != BUILD_FORMAT or d.get("format_version") != BUILD_FORMAT_VERSION:
         raise StoreError(f"{path}: expected a {BUILD_FORMAT} record of version {BUILD_FORMAT_VERSION}, found "
                          f"format {d.get('format')!r} version {d.get('format_version')!r}; rebuild the index "
@@ -209,15 +234,18 @@ def read_manifest(directory: str | os.PathLike) -> IndexManifest:
                          "`fastinf index build STORE ...`")
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise StoreError(f"{path} is not valid JSON ({e}); the index is damaged, rebuild it") from e
+    if not isinstance(d, dict):
+        raise StoreError(f"{path} holds a JSON {type(d).__name__}, not an index manifest; the index is damaged, "
+                         "rebuild it")
     if d.get("format") != INDEX_FORMAT or d.get("format_version") != INDEX_FORMAT_VERSION:
         raise StoreError(f"{path}: expected a {INDEX_FORMAT} manifest of version {INDEX_FORMAT_VERSION}, "
                          f"found format {d.get('format')!r} version {d.get('format_version')!r}; "
                          "rebuild the index with this fastinf version")
     try:
         return IndexManifest.from_dict(d)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StoreError(f"{path} lacks or misnames a field ({e}); the index is damaged, rebuild it") from e
 
 
@@ -250,3 +278,28 @@ def check_against_store(manifest: IndexManifest, store: Any, directory: Path) ->
         if g.nbytes is not None and p.stat().st_size != g.nbytes:
             raise StoreError(f"index {directory}: {g.file} is {p.stat().st_size} bytes, the manifest recorded "
                              f"{g.nbytes} (truncated or replaced); {rebuild}")
+
+
+def verify_group_file(directory: Path, group: GroupSpec) -> str | None:
+    """The problem with ``group``'s index file (missing, wrong size, checksum mismatch), or None if intact.
+
+    Indexes built before checksums were recorded are checked by size only (a warning is logged).
+    """
+    from fastinf.scoring.score_files import sha256_file
+
+    if group.file is None:
+        return None
+    p = Path(directory) / group.file
+    if not p.is_file():
+        return f"file {group.file} of group {group.name!r} is missing"
+    if group.nbytes is not None and p.stat().st_size != group.nbytes:
+        return (f"{group.file} is {p.stat().st_size} bytes, the manifest recorded {group.nbytes} (truncated or "
+                "replaced)")
+    if group.sha256 is None:
+        log.warning("index %s: group %r has no recorded checksum (built by an older fastinf); %s is checked by "
+                    "size only — rebuild the index to get integrity checks", directory, group.name, group.file)
+        return None
+    if sha256_file(p) != group.sha256:
+        return (f"{group.file} (group {group.name!r}) fails its SHA-256 checksum: the file was changed, swapped "
+                "or corrupted after the build")
+    return None

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastinf.errors import ConfigError
-from fastinf.retrieval.features import _refuse_nonfinite
+from fastinf.retrieval.features import _refuse_nonfinite, verify_chunks
 
 
 @dataclass
@@ -22,12 +22,15 @@ class _Queries:
     features: Mapping[str, Any]  # unit -> [M, k] array or memmap
     ids: np.ndarray
     dtype: str | None  # store dtype to decode with (None: plain float arrays)
+    store: Any = None  # the query GradientStore (blocks are read through its verified path), or None
 
     @property
     def m(self) -> int:
         return len(self.ids)
 
     def block(self, unit: str, a: int, b: int) -> np.ndarray:
+        if self.store is not None:   # the store's verified read path: chunks are checksummed on first read
+            verify_chunks(self.store, unit, a, b)
         x = self.features[unit][a:b]
         if self.dtype is not None:
             from fastinf.store import from_storage
@@ -47,7 +50,7 @@ def _as_queries(queries: Any, units: Sequence[str], unit_dims: Mapping[str, int]
         raise ConfigError(f"query store {qs.path} has no rows")
     _refuse_nonfinite(qs, "query")
     train_store.check_compatible(qs, units=list(units))
-    return _Queries({u: qs.features(u) for u in units}, np.asarray(qs.meta.ids, dtype=np.int64), qs.dtype)
+    return _Queries({u: qs.features(u) for u in units}, np.asarray(qs.meta.ids, dtype=np.int64), qs.dtype, qs)
 
 
 def _array_queries(queries: Mapping[str, Any], units: Sequence[str], unit_dims: Mapping[str, int]) -> _Queries:

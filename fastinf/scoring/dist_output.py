@@ -3,11 +3,11 @@
 Rank 0 allocates the score set (or validates it for resume, ``_prepare_output``) and, once every rank
 is done, checks the progress logs and marks it complete (``_finish``); every rank writes its column
 ranges with ``os.pwrite`` (``_ColumnWriter``) and appends one JSON line per finished block to
-``progress/rank-<r>.jsonl`` (read back by ``_read_progress``). See ``fastinf.scoring.dist_score``.
+``progress/rank-<r>.jsonl`` (read back by ``_read_progress``). The set's files, checksums and ownership
+rules (what ``overwrite`` may remove) are ``fastinf.scoring.score_files``. See ``fastinf.scoring.dist_score``.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,15 +20,6 @@ from fastinf.store import read_progress_records, storage_error
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
 FORMAT = "fastinf-dist-score-v1"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_progress(path: Path) -> set[tuple[int, int]]:
@@ -81,9 +72,11 @@ def _prepare_output(out: Path, ident: dict, units: Sequence[Any], method: str, t
     """Rank 0: create the score set's arrays, or check that ``out`` holds this very run to resume."""
     from fastinf.scoring.scores import ScoreSetWriter
 
+    from fastinf.scoring.score_files import read_manifest
+
     mpath = out / MANIFEST
     if mpath.is_file() and not overwrite:
-        old = json.loads(mpath.read_text())
+        old = read_manifest(out)
         if old.get("params", {}).get("dist") != ident:
             raise StoreMismatchError(f"{out} holds scores of a different run (method, units, stores or block "
                                      "size differ); choose another output or pass overwrite=True (--overwrite)")
@@ -111,9 +104,9 @@ def _finish(out: Path, n_units: int, n_blocks: int) -> None:
     if missing:
         raise StoreError(f"{out}: {len(missing)} (unit, block) pairs were never written (first {missing[:4]}; "
                          "a rank failed?); rerun with resume=True (--resume)")
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["complete"] = True
-    _atomic_json(out / MANIFEST, manifest)
+    from fastinf.scoring.score_files import mark_complete, read_manifest
+
+    mark_complete(out, read_manifest(out))   # records every data file's SHA-256, then complete=True
     for p in (out / PROGRESS).glob("*.jsonl"):
         p.unlink()
     for sub in (PROGRESS, "locks"):

@@ -43,7 +43,6 @@ import torch
 from fastinf.errors import ConfigError, NonFiniteError, StoreError, StoreMismatchError
 from fastinf.scoring.dist_output import (
     FORMAT,
-    MANIFEST,
     PROGRESS,
     _ColumnWriter,
     _finish,
@@ -245,7 +244,9 @@ def _fit_preconditioners(train: Any, units: Sequence[Any], method: str, drop_non
 
 def _read_manifest(out: Path, ident: dict, rank: int) -> dict:
     """The manifest rank 0 prepared; refuse one of a different run."""
-    manifest = json.loads((out / MANIFEST).read_text())
+    from fastinf.scoring.score_files import read_manifest
+
+    manifest = read_manifest(out)
     if manifest.get("params", {}).get("dist") != ident:
         raise StoreMismatchError(f"rank {rank}: {out} holds a different scoring run than rank 0 prepared")
     return manifest

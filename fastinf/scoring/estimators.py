@@ -48,6 +48,7 @@ from fastinf.errors import ConfigError, StoreError
 from fastinf.scoring.damping import Damping
 from fastinf.scoring.pairwise import _score_pairwise, _score_repsim, _score_selfinf, score_arrays
 from fastinf.scoring.planning import DEFAULT_BLOCK_BYTES, _dtype, _n_steps, _Plan, _Term, _test_block_rows
+from fastinf.scoring.score_files import check_own
 from fastinf.scoring.scores import ScoreSet, ScoreSetWriter
 from fastinf.scoring.setups import _SETUPS, _check_rows_match, _Setup, _setup_pairwise
 from fastinf.scoring.tracin_we import (
@@ -71,7 +72,8 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
           rank: int | None = None, curvature: str | None = None,
           checkpoints: Sequence[tuple[Any, Any, float]] | None = None, topk_tokens: int | None = None,
           topk_side: str = "test", drop_nonfinite: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
-          precision: str = "float32", progress: bool = False, curvature_options: dict | None = None) -> ScoreSet:
+          precision: str = "float32", progress: bool = False, curvature_options: dict | None = None,
+          resume: bool = False, exist_ok: bool = False) -> ScoreSet:
     """Score every (test, train) pair per unit; return a :class:`~fastinf.scores.ScoreSet` on disk.
 
     Positive = the train sample helps (lowers the test loss); see the module docstring for each method.
@@ -84,6 +86,11 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
         layers: unit selector (``"middle"``, ``"first,last"``, ``"blocks[2:4]"``, ...) applied to the
             test store's units; None = all of them. Each must exist in the train store.
         out: output directory (None: a temporary directory removed with the returned object).
+        overwrite: replace the score set in ``out`` — only a score set fastinf wrote, never anything else.
+        resume: continue an interrupted run of the same request in ``out`` (finished parts are kept), or
+            return a finished one. exist_ok: return a finished score set of the same request in ``out``
+            instead of refusing (what the CLI does on a rerun). A different request in ``out`` is refused
+            naming the first difference.
         damping: λ for if / lissa / datainf / selfinf: absolute (``1e-3``) or ``"rel:0.1"``
             (0.1 × mean eigenvalue of GᵀG/N). Defaults: rel:0.1 (DataInf: its closed form, the same).
         rank: ``if`` only: top-r eigenpairs + damping (Woodbury) instead of the exact inverse.
@@ -100,6 +107,11 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
     """
     _check_arguments(method, damping=damping, rank=rank, curvature=curvature, topk_tokens=topk_tokens,
                      topk_side=topk_side, checkpoints=checkpoints, block_bytes=block_bytes)
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other: resume continues an interrupted run in "
+                          "place, overwrite discards it and starts over; pass one of them")
+    if out is not None and overwrite:
+        check_own(Path(out), what="overwrite=True (--overwrite)")   # before any work
     dt = _dtype(precision)
     curv = _curvature_kwargs(curvature_options, damping, rank)
     terms = _make_terms(method, _open(test_store), _open(train_store), checkpoints)
@@ -116,7 +128,10 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
               **_dropped_ids(plan)}
     tmp = out is None
     root = Path(tempfile.mkdtemp(prefix="fastinf-scores-")) if tmp else Path(out)
-    writer = _open_writer(root, plan, params, overwrite or tmp)
+    writer = _open_writer(root, plan, params, overwrite or tmp, resume=resume, exist_ok=exist_ok)
+    if writer.existing:
+        log.info("score set %s already holds this request; nothing to compute", root)
+        return writer.finalize()
     try:
         with _progress(_n_steps(plan, train, block_bytes), progress, f"score {method}") as bar:
             _run_method(plan, setup, writer, curv, bar, curvature=curvature, topk_tokens=topk_tokens,
@@ -163,7 +178,8 @@ def _dropped_ids(plan: _Plan) -> dict:
             "dropped_train_ids": np.asarray(train.meta.ids)[~plan.keep_train].tolist()}
 
 
-def _open_writer(root: Path, plan: _Plan, params: dict, overwrite: bool) -> ScoreSetWriter:
+def _open_writer(root: Path, plan: _Plan, params: dict, overwrite: bool, *, resume: bool = False,
+                 exist_ok: bool = False) -> ScoreSetWriter:
     """Allocate the score set at ``root``: one row for selfinf / loss, else the kept test rows."""
     test, train = plan.terms[-1].test, plan.terms[-1].train
     one_row = _one_row(plan.method)
@@ -171,7 +187,7 @@ def _open_writer(root: Path, plan: _Plan, params: dict, overwrite: bool) -> Scor
         root, method=plan.method, units=plan.units, train_ids=np.asarray(train.meta.ids)[plan.keep_train],
         test_ids=np.array([-1]) if one_row else np.asarray(test.meta.ids)[plan.keep_test],
         test_correct=None if one_row else np.asarray(test.meta.correct, bool)[plan.keep_test],
-        params=params, sources=_sources(plan.terms), overwrite=overwrite)
+        params=params, sources=_sources(plan.terms), overwrite=overwrite, resume=resume, exist_ok=exist_ok)
 
 
 def _run_method(plan: _Plan, setup: _Setup, writer: ScoreSetWriter, curv: dict, bar: Any, *,
@@ -182,6 +198,7 @@ def _run_method(plan: _Plan, setup: _Setup, writer: ScoreSetWriter, curv: dict, 
     if method == "loss":
         writer.write(0, 0, 0, (-setup.loss[keep_train]).astype(np.float32)[None, :])
         bar.update(1)
+        writer.mark_done(0, 0)
     elif method == "selfinf":
         _score_selfinf(plan, writer, curvature or "if", curv, block_bytes, bar)
     elif method == "repsim":

@@ -75,7 +75,7 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
         nb_alloc = min(nb, plan.terms[0].train.n)
         decode_bufs = [np.empty((nb_alloc, k), np.float32) for _ in plan.terms]  # reused for every block
         for r0, r1, keep_q in _test_blocks(plan):
-            if not keep_q.any():
+            if not keep_q.any() or writer.is_done(ui, r0):   # done: recorded by an interrupted run
                 continue
             qs = _block_queries(plan, pre, name, names, r0, r1, keep_q)
             streams = [t.train.iter_blocks(name, nb, out=dec) for t, dec in zip(plan.terms, decode_bufs)]
@@ -94,6 +94,7 @@ def _score_pairwise(plan: _Plan, writer: ScoreSetWriter, curvature: dict, block_
                 writer.write(ui, plan.row_offset(r0), plan.col_offset(n0),
                              out.numpy() if keep.all() else out.numpy()[:, keep])
                 bar.update(1)
+            writer.mark_done(ui, r0)
 
 
 def _block_queries(plan: _Plan, pre: list[Preconditioner], name: str, names: list[str], r0: int, r1: int,
@@ -116,6 +117,8 @@ def _score_selfinf(plan: _Plan, writer: ScoreSetWriter, curvature_method: str, c
     """One row per unit: ``−g_iᵀ H⁻¹ g_i`` (float64 row sums)."""
     train = plan.terms[0].train
     for ui, unit in enumerate(plan.units):
+        if writer.is_done(ui, 0):
+            continue
         name = unit.name
         k = train.feature_dim(name)
         p = (fit_preconditioner(train, name, curvature_method, drop_nonfinite=True, **curvature)
@@ -126,6 +129,7 @@ def _score_selfinf(plan: _Plan, writer: ScoreSetWriter, curvature_method: str, c
             keep = plan.keep_train[n0:n0 + len(s)]
             writer.write(ui, 0, plan.col_offset(n0), s[keep][None, :])
             bar.update(1)
+        writer.mark_done(ui, 0)
 
 
 def _score_repsim(plan: _Plan, writer: ScoreSetWriter, reps_test: np.ndarray, reps_train: np.ndarray,
@@ -136,6 +140,8 @@ def _score_repsim(plan: _Plan, writer: ScoreSetWriter, reps_test: np.ndarray, re
     for ui, unit in enumerate(plan.units):
         b = unit.block + 1                        # reps[:, 0] = embedding output (block -1)
         for r0, r1, keep_q in _test_blocks(plan):
+            if writer.is_done(ui, r0):
+                continue
             q = np.asarray(reps_test[r0:r1, b], np.float32)[keep_q]
             q = _unit_rows(to_tensor(q).to(dt))                                   # (m, d)
             for n0 in range(0, reps_train.shape[0], nb):
@@ -144,3 +150,4 @@ def _score_repsim(plan: _Plan, writer: ScoreSetWriter, reps_test: np.ndarray, re
                 keep = plan.keep_train[n0:n0 + s.shape[1]]
                 writer.write(ui, plan.row_offset(r0), plan.col_offset(n0), s[:, keep])
                 bar.update(1)
+            writer.mark_done(ui, r0)

@@ -6,19 +6,23 @@ stores −loss, ``selfinf`` stores −gᵀH⁻¹g, see ``fastinf.estimators``).
 
 A score set is a directory::
 
-    manifest.json      format_version, method, units (dicts), unit_names, n_test, n_train, files,
+    manifest.json      format, format_version, method, units (dicts), unit_names, n_test, n_train, files,
                        params (how the scores were computed), sources (store paths and fingerprints),
-                       complete (false while writing: readers refuse it)
+                       checksums (SHA-256 per data file), complete (false while writing: readers refuse it)
     units/<i>.npy      M × N float32 scores of unit i (np.lib.format, memory-mapped by readers)
     test_ids.npy, train_ids.npy (int64), test_correct.npy (bool, optional)
 
 ``ScoreSetWriter`` allocates the arrays and writes rectangular blocks with ``os.pwrite`` (page cache,
 not the process's RSS), so memory stays bounded by the block size whatever M × N is. Aggregation reads
 ``unit_scores(name)[m0:m1]`` slabs, so its memory is independent of M too.
+
+Integrity: every data file is checked against its SHA-256 (streamed) the first time this object hands it
+out (``unit_scores``, ``train_ids``, ...), and ``verify()`` checks them all; a mismatch raises
+CorruptStoreError naming the file. Ownership, checksums and clean errors: ``fastinf.scoring.score_files``.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,24 +34,14 @@ from typing import Any
 import numpy as np
 
 from fastinf.errors import ConfigError, StoreError
+from fastinf.scoring import score_files as sf
+from fastinf.scoring.score_files import FORMAT_VERSION, MANIFEST
+from fastinf.scoring.score_writer import BlockWriter
+from fastinf.store.ownership import make_output_dir
 
 __all__ = ["ScoreSet", "ScoreSetWriter", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-def _unit_dict(u: Any) -> dict:
-    return u.to_dict() if hasattr(u, "to_dict") else dict(u)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+log = logging.getLogger(__name__)
 
 
 class ScoreSet:
@@ -61,30 +55,39 @@ class ScoreSet:
         self.path = Path(path)
         self.manifest = manifest
         self._units: list | None = None
+        self._verified: set[str] = set()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def open(cls, path: str | os.PathLike) -> ScoreSet:
-        """Open a finished score set; raise StoreError if it is missing, incomplete or truncated."""
+        """Open a finished score set; raise StoreError if it is missing, incomplete, truncated or damaged.
+
+        Only headers and sizes are read here; each data file's checksum is verified on its first read.
+        """
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise StoreError(f"{path} is not a fastinf score set (no {MANIFEST}); create one with "
-                             f"`fastinf score` or fastinf.score()")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: score-set format {manifest.get('format_version')!r}, this fastinf reads "
-                             f"format {FORMAT_VERSION}; recompute the scores with this version")
+        manifest = sf.read_manifest(path)
         if not manifest.get("complete"):
-            raise StoreError(f"{path} is an incomplete score set (scoring was interrupted); rerun "
-                             f"`fastinf score ... --overwrite`")
+            raise StoreError(f"{path} is an incomplete score set (scoring was interrupted); rerun the same "
+                             f"`fastinf score ...` command with --resume, or with --overwrite to start over")
         s = cls(path, manifest)
-        want = (s.n_test, s.n_train)
-        for name in s.unit_names:
-            got = s.unit_scores(name).shape
-            if tuple(got) != want:
-                raise StoreError(f"{path}: scores of unit {name!r} have shape {tuple(got)}, expected {want}; "
-                                 f"the score set is damaged, recompute it")
+        try:
+            want = (s.n_test, s.n_train)
+            files, names, n_units = list(manifest["files"]), s.unit_names, len(manifest["units"])
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{path / MANIFEST} has malformed fields ({e}); the score set is damaged: "
+                             "delete it and recompute the scores") from None
+        if len(files) != len(names) or n_units != len(names):
+            raise StoreError(f"{path / MANIFEST} lists {len(names)} units but {len(files)} files; the score set "
+                             "is damaged: delete it and recompute the scores")
+        for name, f in zip(names, files):
+            sf.check_npy(path / f, f"scores of unit {name!r}", np.float32, want)
+        sf.check_npy(path / "test_ids.npy", "test ids", np.int64, (s.n_test,))
+        sf.check_npy(path / "train_ids.npy", "train ids", np.int64, (s.n_train,))
+        if (path / "test_correct.npy").is_file():
+            sf.check_npy(path / "test_correct.npy", "test correctness flags", np.bool_, (s.n_test,))
+        if manifest.get("format_version") == 1:
+            log.warning("score set %s has format 1 (no checksums): its files cannot be verified; recompute it "
+                        "with this fastinf to get integrity checks", path)
         return s
 
     @classmethod
@@ -93,12 +96,15 @@ class ScoreSet:
                     test_ids: np.ndarray | None = None, train_ids: np.ndarray | None = None,
                     test_correct: np.ndarray | None = None, path: str | os.PathLike | None = None,
                     params: dict | None = None) -> ScoreSet:
-        """Wrap in-memory scores ``[U, M, N]`` as a score set (tests, custom estimators).
+        """Wrap in-memory scores ``[U, M, N]`` (real numbers) as a score set (tests, custom estimators).
 
         ``units`` default to synthetic linear units named ``unit_names`` (default ``unit0..``), block =
         position. Without ``path`` the set lives in a temporary directory removed with the object.
         """
         arr = np.asarray(scores)
+        if arr.dtype.kind not in "biuf":
+            raise ConfigError(f"from_arrays expects real-valued scores; got dtype {arr.dtype} (convert with "
+                              "np.asarray(scores, dtype=np.float32))")
         if arr.ndim != 3:
             raise ConfigError(f"from_arrays expects scores [U, M, N]; got shape {arr.shape}")
         U, M, N = arr.shape
@@ -113,28 +119,80 @@ class ScoreSet:
             raise ConfigError("from_arrays: `units` and `unit_names` must name the same units in the same order")
         if len(units) != U:
             raise ConfigError(f"from_arrays: {len(units)} units given for {U} score arrays")
+        for what, ids, n in (("test_ids", test_ids, M), ("train_ids", train_ids, N)):
+            if ids is not None and np.shape(ids) != (n,):
+                raise ConfigError(f"from_arrays: {what} has shape {np.shape(ids)}; expected ({n},)")
         tmp = path is None
         root = Path(tempfile.mkdtemp(prefix="fastinf-scores-")) if tmp else Path(path)
         w = ScoreSetWriter(root, method=method, units=units,
                            test_ids=np.arange(M) if test_ids is None else test_ids,
                            train_ids=np.arange(N) if train_ids is None else train_ids,
                            test_correct=test_correct, params=params or {}, overwrite=tmp)
-        for i in range(U):
-            w.write(i, 0, 0, arr[i])
-        s = w.finalize()
+        try:
+            for i in range(U):
+                w.write(i, 0, 0, arr[i])
+            s = w.finalize()
+        except BaseException:
+            w.abort()
+            raise
         if tmp:
             weakref.finalize(s, shutil.rmtree, str(root), True)
         return s
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> ScoreSet:
-        """Copy this score set to ``path`` and return the copy."""
+        """Copy this score set (verified) to ``path`` and return the copy.
+
+        ``overwrite=True`` replaces only a score set fastinf wrote (see ``score_files.SCORE_SET_KIND``).
+        """
         dst = Path(path)
-        if dst.exists():
+        if dst.exists() and dst.resolve() == self.path.resolve():
+            raise ConfigError(f"{dst} is this score set itself; save it to another path")
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             if not overwrite:
                 raise ConfigError(f"{dst} exists; pass overwrite=True to replace it")
-            shutil.rmtree(dst)
-        shutil.copytree(self.path, dst)
+            sf.check_own(dst, what="overwrite=True")
+        self._raise_problems(self.verify())
+        created = not dst.exists()
+        make_output_dir(dst)
+        locks = sf.take_lock(dst)
+        try:
+            sf.clear_own(dst)
+            shutil.copytree(self.path, dst, dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names if Path(d) == self.path
+                                                     and n in (sf.LOCKS, sf.PROGRESS)])
+        except BaseException:
+            if created:
+                shutil.rmtree(dst, ignore_errors=True)
+            raise
+        finally:
+            sf.release_locks(locks)
+            _rmdir_quiet(dst / sf.LOCKS)
         return ScoreSet.open(dst)
+
+    # ------------------------------------------------------------------ integrity
+    def _checked(self, rel: str) -> Path:
+        """``path / rel``, verified against its checksum on the first call (CorruptStoreError if it fails)."""
+        if rel not in self._verified:
+            problem = sf.verify_file(self.path, self.manifest, rel)
+            if problem is not None:
+                sf.raise_corrupt(self.path, problem)
+            self._verified.add(rel)
+        return self.path / rel
+
+    def verify(self) -> list[str]:
+        """Recompute every data file's SHA-256 (streamed); return the problems found (empty list = intact)."""
+        problems = []
+        for rel in sf.data_files(self.path, self.manifest):
+            problem = sf.verify_file(self.path, self.manifest, rel)
+            if problem is None:
+                self._verified.add(rel)
+            else:
+                problems.append(problem)
+        return problems
+
+    def _raise_problems(self, problems: list[str]) -> None:
+        if problems:
+            sf.raise_corrupt(self.path, "; ".join(problems))
 
     # ------------------------------------------------------------------ reading
     @property
@@ -167,16 +225,18 @@ class ScoreSet:
 
     @property
     def test_ids(self) -> np.ndarray:
-        return np.load(self.path / "test_ids.npy")
+        return np.load(self._checked("test_ids.npy"))
 
     @property
     def train_ids(self) -> np.ndarray:
-        return np.load(self.path / "train_ids.npy", mmap_mode="r")
+        return np.load(self._checked("train_ids.npy"), mmap_mode="r")
 
     @property
     def test_correct(self) -> np.ndarray | None:
         p = self.path / "test_correct.npy"
-        return np.load(p) if p.is_file() else None
+        if "test_correct.npy" in self.manifest.get("checksums", {}) or p.is_file():
+            return np.load(self._checked("test_correct.npy"))
+        return None
 
     def _index(self, name: str) -> int:
         try:
@@ -187,8 +247,8 @@ class ScoreSet:
                              ) from None
 
     def unit_scores(self, name: str) -> np.ndarray:
-        """Memory-mapped scores [M, N] float32 of unit ``name`` (read-only)."""
-        return np.load(self.path / self.manifest["files"][self._index(name)], mmap_mode="r")
+        """Memory-mapped scores [M, N] float32 of unit ``name`` (read-only; verified on first access)."""
+        return np.load(self._checked(self.manifest["files"][self._index(name)]), mmap_mode="r")
 
     def iter_test_blocks(self, name: str, block_rows: int = 256) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(m0, scores[m0:m0+b])`` slabs (float32 copies) of unit ``name``."""
@@ -217,7 +277,7 @@ class ScoreSet:
             raise ConfigError(f"k must be >= 1; got {k}")
         names = list(units) if units is not None else self.unit_names
         for n in names:
-            self._index(n)
+            self.unit_scores(n)          # unknown units and corrupt files fail here, before the file is opened
         kk = min(k, self.n_train)
         test_ids, train_ids = self.test_ids, np.asarray(self.train_ids)
         schema = pa.schema([("test_id", pa.int64()), ("train_id", pa.int64()), ("unit", pa.string()),
@@ -260,84 +320,30 @@ def _top_table(block: np.ndarray, side: str, kk: int, test_ids: np.ndarray, trai
     }, schema=schema)
 
 
-class ScoreSetWriter:
-    """Allocates a score set's arrays and writes blocks; ``finalize`` marks it complete.
+class ScoreSetWriter(BlockWriter):
+    """Allocates a score set's arrays and writes blocks; ``finalize`` records checksums and marks it complete.
 
-    Args:
-        path: output directory (must not exist unless ``overwrite``).
-        method: estimator name. ``units``: Unit objects (or dicts), one array each.
-        test_ids, train_ids: sample ids of the rows / columns. ``test_correct``: bool [M] or None.
-        params, sources: provenance written into the manifest.
+    Arguments and directory rules: :class:`fastinf.scoring.score_writer.BlockWriter`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, method: str, units: Sequence[Any], test_ids: np.ndarray,
-                 train_ids: np.ndarray, test_correct: np.ndarray | None = None, params: dict | None = None,
-                 sources: dict | None = None, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise ConfigError(f"output directory {self.path} exists and is not empty; choose another --out "
-                                  f"or pass overwrite=True (CLI --overwrite)")
-            shutil.rmtree(self.path)
-        (self.path / "units").mkdir(parents=True, exist_ok=True)
-        test_ids, train_ids = np.asarray(test_ids, np.int64), np.asarray(train_ids, np.int64)
-        self.n_test, self.n_train = len(test_ids), len(train_ids)
-        np.save(self.path / "test_ids.npy", test_ids)
-        np.save(self.path / "train_ids.npy", train_ids)
-        if test_correct is not None:
-            tc = np.asarray(test_correct, bool)
-            if tc.shape != (self.n_test,):
-                raise ConfigError(f"test_correct has shape {tc.shape}; expected ({self.n_test},)")
-            np.save(self.path / "test_correct.npy", tc)
-        units = [_unit_dict(u) for u in units]
-        names = [u["name"] for u in units]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"unit names must be unique; got {names}")
-        self.files = [f"units/{i}.npy" for i in range(len(units))]
-        self._offsets: list[int] = []
-        for f in self.files:
-            mm = np.lib.format.open_memmap(self.path / f, mode="w+", dtype=np.float32,
-                                           shape=(self.n_test, self.n_train))
-            self._offsets.append(int(mm.offset))
-            del mm
-        self._fds = [os.open(self.path / f, os.O_WRONLY) for f in self.files]
-        self.manifest = {"format_version": FORMAT_VERSION, "method": method, "units": units, "unit_names": names,
-                         "n_test": self.n_test, "n_train": self.n_train, "files": self.files,
-                         "params": params or {}, "sources": sources or {}, "complete": False}
-        _write_json(self.path / MANIFEST, self.manifest)
-
-    def write(self, unit_index: int, m0: int, n0: int, block: np.ndarray) -> None:
-        """Write ``block`` [b_m, b_n] at rows ``m0:`` and columns ``n0:`` of unit ``unit_index``."""
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        bm, bn = block.shape
-        if m0 < 0 or n0 < 0 or m0 + bm > self.n_test or n0 + bn > self.n_train:
-            raise ConfigError(f"block [{m0}:{m0 + bm}, {n0}:{n0 + bn}] is outside the [{self.n_test}, "
-                              f"{self.n_train}] score array")
-        fd, base = self._fds[unit_index], self._offsets[unit_index]
-        if bn == self.n_train:          # full rows: one contiguous write
-            os.pwrite(fd, memoryview(block).cast("B"), base + 4 * m0 * self.n_train)
-            return
-        for r in range(bm):
-            os.pwrite(fd, memoryview(block[r]).cast("B"), base + 4 * ((m0 + r) * self.n_train + n0))
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
     def finalize(self) -> ScoreSet:
-        """Mark the manifest complete and return the opened score set.
+        """Record every data file's checksum, mark the manifest complete and return the opened score set.
 
         The score arrays are not fsync'ed (scores are recomputable, and forcing gigabytes to disk would
         dominate the run); the manifest is written atomically after every block has been written, so a
         killed process never leaves a set that reads as complete.
         """
-        self.close()
-        self.manifest["complete"] = True
-        _write_json(self.path / MANIFEST, self.manifest)
-        return ScoreSet.open(self.path)
+        if self.existing:
+            self.close()
+            return ScoreSet.open(self.path)
+        sums = self.finish_files()
+        s = ScoreSet.open(self.path)
+        s._verified.update(sums)   # hashed just now, by this process
+        return s
 
-    def abort(self) -> None:
-        """Remove the partial output (called when scoring fails) so nothing incomplete is left behind."""
-        self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass

@@ -123,6 +123,8 @@ def _score_tracin_we(plan: _Plan, writer: ScoreSetWriter, test: Any, train: Any,
     k_train = topk if topk_side in ("train", "both") else None
     nb = _we_block_rows(grad_g.shape, plan.test_rows, block_bytes)
     for r0, r1, keep_q in _test_blocks(plan):
+        if writer.is_done(0, r0):   # recorded by an interrupted run
+            continue
         A = token_rows(np.asarray(tok_q[r0:r1])[keep_q], np.asarray(grad_q[r0:r1])[keep_q], topk=k_test, dtype=np_dt)
         for n0 in range(0, train.n, nb):
             B = token_rows(tok_g[n0:n0 + nb], grad_g[n0:n0 + nb], topk=k_train, dtype=np_dt)
@@ -130,3 +132,4 @@ def _score_tracin_we(plan: _Plan, writer: ScoreSetWriter, test: Any, train: Any,
             keep = plan.keep_train[n0:n0 + s.shape[1]]
             writer.write(0, plan.row_offset(r0), plan.col_offset(n0), s[:, keep])
             bar.update(1)
+        writer.mark_done(0, r0)

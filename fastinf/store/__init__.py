@@ -4,8 +4,10 @@ Chunked, checksummed, memory-mapped ``N x k`` arrays per unit plus per-sample me
 (per-rank progress logs, a writer lock, atomic JSON) and verified on read. Read ``format.py`` first (the
 directory layout and dtypes), then ``reader.py`` (GradientStore) and ``chunked.py`` (the crash-safe chunked
 writing; ``writer.py``'s StoreWriter adds ``finalize``). ``durable.py`` holds the atomic-write, fsync,
-checksum and progress-log helpers that other stages reuse, ``lock.py`` the WriterLock, and ``ownership.py``
-what fastinf may delete on ``--overwrite``.
+checksum and progress-log helpers that other stages reuse, ``lock.py`` the WriterLock, ``ownership.py``
+what fastinf may delete on ``--overwrite``, ``claim.py`` how a writer claims its directory (checks before
+work, the lock before any removal, cleanup of a failed creation) and ``integrity.py`` the manifest and
+``.npy`` header checks of every open.
 """
 from fastinf.store.durable import (
     atomic_write_json, fsync_dir, read_progress_records, storage_error,

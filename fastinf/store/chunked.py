@@ -8,6 +8,11 @@ store. Sealing folds the progress logs into the manifest and removes them. Each 
 ``torch.distributed`` run writes its own chunks (``chunk % world == rank``) into the shared files and its
 own progress log; rank 0 seals.
 
+Claiming the directory (claim.py): rank 0 checks it (``preflight_store``), creates it owner-only, takes its
+lock, and only then overwrites, resumes or creates — writing the incomplete manifest before preallocating
+(free space checked first). A creation that fails before any chunk is recorded removes what it created
+(``abort``), so neither a rerun nor ``--overwrite`` is ever stuck.
+
 The public face is ``StoreWriter`` (writer.py), which adds ``finalize()`` (seal, then open the finished
 GradientStore); this base does not know the reader, so that ``GradientStore.from_arrays`` can write through
 it without an import cycle.
@@ -22,12 +27,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fastinf.errors import ConfigError, StoreError, StoreMismatchError
+from fastinf.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
+from fastinf.store.claim import (
+    LOCKS, Created, _check_counts, acquire_lock, check_free_space, clear_store, preallocate, preflight_store,
+    read_writer_manifest,
+)
 from fastinf.store.durable import _read_progress, _sha256, atomic_write_json, storage_error
 from fastinf.store.format import (
     FORMAT_VERSION, MANIFEST, ArraySpec, _npy_header, _unit_to_dict, canonical_dtype, numpy_dtype, to_storage,
 )
+from fastinf.store.integrity import array_file_size
 from fastinf.store.lock import WriterLock
+from fastinf.store.ownership import make_output_dir
 
 
 class ChunkedStoreWriter:
@@ -41,10 +52,7 @@ class ChunkedStoreWriter:
                  n_classes: int | None = None, extras: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
                  resume: bool = False, overwrite: bool = False, rank: int = 0, world: int = 1,
                  barrier: Callable[[], None] | None = None) -> None:
-        if n <= 0:
-            raise ConfigError("cannot write an empty store (0 samples); check the dataset")
-        if chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
+        _check_counts(n, chunk_size)
         self.path = Path(path)
         self.rank, self.world = int(rank), int(world)
         self.barrier = barrier or (lambda: None)
@@ -67,17 +75,27 @@ class ChunkedStoreWriter:
             "complete": False,
         }
         self.manifest = json.loads(json.dumps(self.manifest))  # normalise (tuples -> lists) as stored
-        self._lock = WriterLock(self.path / "locks" / f"rank-{self.rank}.lock")
+        self._lock = WriterLock(self.path / LOCKS / f"rank-{self.rank}.lock")
+        self._created = Created(self.path)
+        self._created_store = False  # set once this call starts writing a new store's files
+        self._fds: dict[str, int] = {}
+        self._headers = {k: len(_npy_header(self.n, s)) for k, s in self.arrays.items()}
+        self.nonfinite: list[dict] = []
         self._prepare(resume=resume, overwrite=overwrite)
+        try:
+            self._open_progress()
+        except OSError as e:
+            removed = self.abort()
+            raise storage_error(e, self.path, "opening the progress log", kept=not removed) from e
+
+    def _open_progress(self) -> None:
+        """Open this rank's progress log for appending (ending a record torn by a crash)."""
         ppath = self.path / "progress" / f"rank-{self.rank}.jsonl"
         ppath.parent.mkdir(exist_ok=True)
         torn = ppath.exists() and ppath.stat().st_size > 0 and not ppath.read_bytes().endswith(b"\n")
         self._progress = open(ppath, "a")
         if torn:  # a crash tore the last record: end it so the next record starts on its own line
             self._progress.write("\n")
-        self._fds: dict[str, int] = {}
-        self._headers = {k: len(_npy_header(self.n, s)) for k, s in self.arrays.items()}
-        self.nonfinite: list[dict] = []
 
     # ------------------------------------------------------------------ setup
     def _array_specs(self, feature_dims: Mapping[str, int], n_classes: int | None,
@@ -106,56 +124,97 @@ class ChunkedStoreWriter:
         return None
 
     def _prepare(self, *, resume: bool, overwrite: bool) -> None:
-        mpath = self.path / MANIFEST
+        """Claim the directory (see claim.py): checks, lock, then (under the lock) overwrite/resume/create."""
         if self.rank == 0:
-            if mpath.exists() and overwrite:
-                _remove_store(self.path)
-            if mpath.exists():
-                old = json.loads(mpath.read_text())
-                diff = self._same_identity(old)
-                if diff is not None:
-                    raise StoreMismatchError(
-                        f"{self.path} already holds a different store (its {diff!r} differs); choose another "
-                        "output directory or pass overwrite=True / --overwrite")
-                if old.get("complete"):
-                    self.manifest = old
-                elif not resume:
-                    raise StoreError(f"{self.path} holds an incomplete store from an earlier run; pass "
-                                     "resume=True / --resume to continue it, or --overwrite to start over")
-            elif self.path.exists() and any(self.path.iterdir()):
-                raise StoreError(f"{self.path} exists and is not empty but holds no store; choose an empty "
-                                 "or new output directory")
-            else:
-                self._create()
+            preflight_store(self.path, resume=resume, overwrite=overwrite)
+            doing = "taking the writer lock" if (self.path / MANIFEST).exists() else "creating the store"
+            try:
+                self._created.made_root = not self.path.exists()
+                make_output_dir(self.path)
+                acquire_lock(self._lock, self._created)
+            except StoreLockedError:
+                self._created.discard()
+                raise
+            except OSError as e:
+                self._created.discard()
+                raise storage_error(e, self.path, doing, kept=False) from e
+            try:
+                self._prepare_locked(resume=resume, overwrite=overwrite)
+            except BaseException:
+                self.abort(alone=True)  # no other rank has written yet (they wait at the barrier)
+                raise
         self.barrier()
         if self.rank != 0:
-            old = json.loads(mpath.read_text())
+            old = read_writer_manifest(self.path)
             if self._same_identity(old) is not None:
                 raise StoreMismatchError(f"rank {self.rank}: {self.path} holds a different store than rank 0 wrote")
             self.manifest = old
-        self._lock.acquire()
+            self._lock.acquire()
+
+    def _prepare_locked(self, *, resume: bool, overwrite: bool) -> None:
+        """Rank 0, holding the lock: replace (overwrite), reuse (complete), resume, or create the store."""
+        mpath = self.path / MANIFEST
+        if overwrite and mpath.exists():
+            clear_store(self.path, self._lock)
+        if not mpath.exists():
+            stray = [e.name for e in self.path.iterdir() if e.name != LOCKS]
+            if stray:
+                raise StoreError(f"{self.path} exists and is not empty but holds no store; choose an empty "
+                                 "or new output directory")
+            self._create()
+            return
+        old = read_writer_manifest(self.path)
+        diff = self._same_identity(old)
+        if diff is not None:
+            raise StoreMismatchError(
+                f"{self.path} already holds a different store (its {diff!r} differs); choose another "
+                "output directory or pass overwrite=True / --overwrite")
+        if old.get("complete"):
+            self.manifest = old
+        elif not resume:
+            raise StoreError(f"{self.path} holds an incomplete store from an earlier run; pass "
+                             "resume=True / --resume to continue it, or --overwrite to start over")
+        else:
+            self._ensure_files()
 
     def _create(self) -> None:
+        """Write the (incomplete) manifest, then preallocate every array file (free space checked first).
+
+        The manifest goes first so that a process killed while preallocating leaves a store that
+        ``--resume`` (which re-creates missing files) and ``--overwrite`` both recognise.
+        """
+        needed = sum(array_file_size(self.n, s) for s in self.arrays.values())
+        check_free_space(self.path, needed)
+        self._created_store = True
         try:
-            for sub in ("units", "meta", "progress", "locks"):
-                (self.path / sub).mkdir(parents=True, exist_ok=True)
-            if any(k.startswith("extra:") for k in self.arrays):
-                (self.path / "extras").mkdir(exist_ok=True)
-            for key, spec in self.arrays.items():
-                header = _npy_header(self.n, spec)
-                size = len(header) + self.n * spec.row_bytes
-                fd = os.open(self.path / spec.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-                try:
-                    os.pwrite(fd, header, 0)
-                    if hasattr(os, "posix_fallocate") and size > len(header):
-                        os.posix_fallocate(fd, 0, size)  # reserve the space now: a full disk fails here
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            self._created.add(self.path / MANIFEST)
             atomic_write_json(self.path / MANIFEST, self.manifest)
+            for sub in ("units", "meta", "progress", LOCKS):
+                self._created.mkdir(self.path / sub)
+            if any(k.startswith("extra:") for k in self.arrays):
+                self._created.mkdir(self.path / "extras")
+            for spec in self.arrays.values():
+                self._preallocate(spec)
         except OSError as e:
-            raise storage_error(e, self.path, "creating the store") from e
+            raise storage_error(e, self.path, "creating the store", kept=False) from e
+
+    def _preallocate(self, spec: ArraySpec) -> None:
+        preallocate(self._created.add(self.path / spec.path), self.n, spec)
+
+    def _ensure_files(self) -> None:
+        """Resuming: re-create array files a killed creation left missing or short (only while no chunk is
+        recorded; later, a wrong size is corruption the reader names)."""
+        bad = [s for s in self.arrays.values() if not (self.path / s.path).is_file()
+               or (self.path / s.path).stat().st_size != array_file_size(self.n, s)]
+        if not bad or _read_progress(self.path):
+            return
+        try:
+            for sub in {Path(s.path).parent for s in bad}:
+                (self.path / sub).mkdir(exist_ok=True)
+            for spec in bad:
+                self._preallocate(spec)
+        except OSError as e:
+            raise storage_error(e, self.path, "re-creating the store files") from e
 
     # ------------------------------------------------------------------ writing
     @property
@@ -187,7 +246,8 @@ class ChunkedStoreWriter:
             sums = self._write_payload(payload, a)
             self._record_chunk(chunk, a, b, sums)
         except OSError as e:
-            raise storage_error(e, self.path, f"writing chunk {chunk} (rows {a}:{b})") from e
+            removed = self._owns_nothing_written() and self.abort()
+            raise storage_error(e, self.path, f"writing chunk {chunk} (rows {a}:{b})", kept=not removed) from e
 
     def _encode_features(self, chunk: int, features: Mapping[str, np.ndarray], rows: int
                          ) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
@@ -257,12 +317,54 @@ class ChunkedStoreWriter:
         return fd
 
     def close(self) -> None:
+        """Close this rank's files and release its lock (a StoreError if the OS fails to, e.g. disk full)."""
+        error = self._close_quietly()
+        if error is not None:
+            raise storage_error(error, self.path, "closing the store files")
+
+    def _close_quietly(self) -> OSError | None:
+        """Close everything, always releasing the lock; return the first OS error instead of raising it."""
+        error: OSError | None = None
         for fd in self._fds.values():
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as e:
+                error = error or e
         self._fds.clear()
-        if not self._progress.closed:
-            self._progress.close()
+        progress = getattr(self, "_progress", None)
+        if progress is not None and not progress.closed:
+            try:
+                progress.close()
+            except OSError as e:
+                error = error or e
         self._lock.release()
+        return error
+
+    def _owns_nothing_written(self, alone: bool = False) -> bool:
+        """Whether this call created the store and no chunk of it is recorded (``alone``: no other rank can
+        have written; else only a one-process writer can tell)."""
+        return self._created_store and not self.complete and (alone or self.world == 1) and \
+            not _read_progress(self.path)
+
+    def abort(self, *, alone: bool = False) -> bool:
+        """Give up after an error: close quietly (never hiding the original error) and, if this call created
+        the store and no chunk is recorded, remove what it created (a rerun then starts clean). Returns
+        whether the store was removed; a store with recorded chunks is kept for ``--resume``."""
+        self._close_quietly()
+        if not self._owns_nothing_written(alone):
+            self._remove_empty(LOCKS)
+            if self._created.made_root:
+                self._remove_empty(".")
+            return False
+        self._created.discard()
+        return True
+
+    def _remove_empty(self, *subdirs: str) -> None:
+        for d in subdirs:
+            try:
+                (self.path / d).rmdir()
+            except OSError:
+                pass  # not empty (or gone): kept
 
     def _seal(self) -> None:
         """Close this rank's files; on rank 0 (after all ranks are done) fold progress into the manifest.
@@ -272,38 +374,37 @@ class ChunkedStoreWriter:
         self.close()
         self.barrier()
         if self.rank == 0 and not self.complete:
-            done = _read_progress(self.path)
-            missing = [c for c in range(self.n_chunks) if c not in done]
-            if missing:
-                raise StoreError(f"{self.path}: chunks {missing[:8]} were never written (a rank failed?); "
-                                 "rerun the extraction with --resume")
-            checksums = {key: [done[c]["sha256"][key] for c in range(self.n_chunks)] for key in self.arrays}
-            nonfinite = sorted((d for c in range(self.n_chunks) for d in done[c].get("nonfinite", [])),
-                               key=lambda d: d["row"])
-            self.manifest = {**self.manifest, "complete": True, "checksums": checksums, "nonfinite": nonfinite}
-            atomic_write_json(self.path / MANIFEST, self.manifest)
+            try:
+                self._fold_progress()
+            except OSError as e:
+                raise storage_error(e, self.path, "sealing the store") from e
+        if self.rank == 0:
             for p in (self.path / "progress").glob("*.jsonl"):
-                p.unlink()
-            for d in ("progress", "locks"):
-                try:
-                    (self.path / d).rmdir()
-                except OSError:
-                    pass
+                p.unlink()  # the store is complete: every record is in the manifest
+            self._remove_empty("progress", LOCKS)
         self.barrier()
+
+    def _fold_progress(self) -> None:
+        """Write the complete manifest: every chunk's checksums and the non-finite rows from the progress logs."""
+        done = _read_progress(self.path)
+        missing = [c for c in range(self.n_chunks) if c not in done]
+        if missing:
+            raise StoreError(f"{self.path}: chunks {missing[:8]} were never written (a rank failed?); "
+                             "rerun the extraction with --resume")
+        checksums = {key: [done[c]["sha256"][key] for c in range(self.n_chunks)] for key in self.arrays}
+        nonfinite = sorted((d for c in range(self.n_chunks) for d in done[c].get("nonfinite", [])),
+                           key=lambda d: d["row"])
+        self.manifest = {**self.manifest, "complete": True, "checksums": checksums, "nonfinite": nonfinite}
+        atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def __enter__(self) -> "ChunkedStoreWriter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _remove_store(path: Path) -> None:
-    import shutil
-
-    for sub in ("units", "meta", "extras", "progress", "locks", "precond", "index"):
-        shutil.rmtree(path / sub, ignore_errors=True)
-    (path / MANIFEST).unlink(missing_ok=True)
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _version() -> str:

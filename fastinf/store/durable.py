@@ -66,11 +66,17 @@ def _read_progress(path: Path) -> dict[int, dict]:
     """Completed chunks recorded in all ranks' progress logs."""
     return {int(r["chunk"]): r for r in read_progress_records(path / "progress") if "chunk" in r and "sha256" in r}
 
-def storage_error(e: OSError, path: Path, doing: str) -> StoreError:
+def storage_error(e: OSError, path: Path, doing: str, *, kept: bool = True) -> StoreError:
+    """The clean StoreError of an OS error while ``doing`` in ``path``. ``kept``: the partial store stays (it
+    can be resumed); False: this call removed what it had created, so a plain rerun starts clean."""
     if e.errno == errno.ENOSPC:
+        if not kept:
+            return StoreError(f"disk full while {doing} in {path}; nothing was kept (the partial files this run "
+                              "created were removed) - free space and rerun the same command")
         return StoreError(f"disk full while {doing} in {path}; the store keeps its last complete chunk - free "
                           "space and rerun with --resume")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"permission denied while {doing} in {path} ({e.strerror}); choose a writable "
                           "output directory")
-    return StoreError(f"I/O error while {doing} in {path}: {e}")
+    tail = "" if kept else " (the partial files this run created were removed; rerun the same command)"
+    return StoreError(f"I/O error while {doing} in {path}: {e}{tail}")

@@ -9,6 +9,10 @@ Everything both the reader and the writer must agree on lives here. A store is a
     extras/<name>.npy   optional arrays: tokens [N, L], embed_grads [N, L, d], reps [N, B, d]
     progress/rank-*.jsonl   (while writing) one JSON line per finished chunk with its checksums
     locks/              (while writing) one lock file per writer rank
+    extract_config.json (CLI stores) the replayable command; precond/, index/ derived artifacts
+
+``STORE_KIND`` is what ``--overwrite`` may replace: a directory whose ``manifest.json`` is a store's and whose
+entries are all store entries (the above, ``LOCK`` and atomic-write temp files), never anything else.
 
 Features are stored as fp16, bf16 (raw uint16, the top half of fp32) or fp32; ``to_storage`` and
 ``from_storage`` convert float32 rows to and from the stored dtype.
@@ -16,16 +20,37 @@ Features are stored as fp16, bf16 (raw uint16, the top half of fp32) or fp32; ``
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from fastinf.errors import ConfigError
+from fastinf.store.ownership import ArtifactKind
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META_FIELDS = ("ids", "label", "loss", "pred", "correct")
+RUN_CONFIG = "extract_config.json"   # the CLI's replayable command, written next to the store
+STORE_ENTRIES = frozenset({"units", "meta", "extras", "progress", "locks", "precond", "index", "LOCK", MANIFEST,
+                           RUN_CONFIG})
+_TEMP = re.compile(r"(manifest|extract_config)\.json\.\d+\.tmp")
+
+
+def _is_store_entry(name: str) -> bool:
+    """Whether ``name`` may be a top-level entry of a store (its files, dirs and atomic-write temp files)."""
+    return name in STORE_ENTRIES or bool(_TEMP.fullmatch(name))
+
+
+def _is_store_manifest(m: Mapping[str, Any]) -> bool:
+    """Whether a parsed ``manifest.json`` is a GradientStore's (complete or not)."""
+    return isinstance(m.get("identity"), Mapping) and "format_version" in m and "n_chunks" in m \
+        and isinstance(m.get("arrays"), Mapping)
+
+
+# What ``--overwrite`` / ``overwrite=True`` may replace: a directory holding only a store's entries.
+STORE_KIND = ArtifactKind("GradientStore", MANIFEST, entries=_is_store_entry, is_own=_is_store_manifest)
 _DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp32": "float32", "float32": "float32"}
 

@@ -28,15 +28,24 @@ class WriterLock:
                     except FileNotFoundError:
                         pass
                     continue
-                owner = self.path.read_text().strip() if self.path.exists() else "?"
+                owner = self._owner()
+                pid = owner.split()[0] if owner.split() else "?"
                 raise StoreLockedError(
-                    f"{self.path.parent.parent} is being written by another process ({owner}); wait for it to "
-                    f"finish, or if it is gone remove {self.path}") from None
+                    f"{self.path.parent.parent} is being written by another process ({owner}): another fastinf "
+                    f"process (pid {pid}) is writing it; wait for it to finish, or if it is gone remove "
+                    f"{self.path}") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n")
             self.held = True
             return
         raise StoreLockedError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> str:
+        """``pid host time`` of the lock's holder ("?" if unreadable)."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
 
     def _stale(self) -> bool:
         try:

@@ -18,9 +18,8 @@ import numpy as np
 from fastinf.errors import ConfigError, CorruptStoreError, StoreError, StoreMismatchError
 from fastinf.store.chunked import ChunkedStoreWriter
 from fastinf.store.durable import _count_done_chunks, _sha256
-from fastinf.store.format import (
-    FORMAT_VERSION, MANIFEST, META_FIELDS, ArraySpec, _npy_header, _unit_from_dict, from_storage, numpy_dtype,
-)
+from fastinf.store.format import META_FIELDS, ArraySpec, _unit_from_dict, from_storage, numpy_dtype
+from fastinf.store.integrity import check_array_file, read_manifest
 
 
 @dataclasses.dataclass
@@ -49,18 +48,8 @@ class GradientStore:
     def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "GradientStore":
         """Open the store at ``path``; raise StoreError if it is missing, incomplete or truncated."""
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise StoreError(f"{path} is not a fastinf GradientStore (no {MANIFEST}); "
-                             "create one with `fastinf extract` or fastinf.extract()")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise CorruptStoreError(f"{mpath} is not valid JSON ({e}); the store is damaged, re-extract it") from e
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format {manifest.get('format_version')!r}, this fastinf reads "
-                             f"format {FORMAT_VERSION}; re-extract with this version")
-        if not manifest.get("complete") and not allow_incomplete:
+        manifest = read_manifest(path)
+        if not manifest["complete"] and not allow_incomplete:
             done = _count_done_chunks(path)
             raise StoreError(f"{path} is an incomplete store ({done} of {manifest['n_chunks']} chunks written); "
                              "finish it with `fastinf extract ... --resume` (same arguments) before reading it")
@@ -84,11 +73,7 @@ class GradientStore:
         names = list(features)
         if not names:
             raise ConfigError("from_arrays needs at least one feature array")
-        n = int(np.asarray(features[names[0]]).shape[0])
-        for nm in names:
-            shape = np.asarray(features[nm]).shape
-            if len(shape) != 2 or shape[0] != n:
-                raise ConfigError(f"feature array {nm!r} has shape {shape}; expected [{n}, k]")
+        n = _check_from_arrays(features, meta, extras, chunk_size)
         if units is None:
             units = [Unit(name=nm, kind="linear", block=i, role="synthetic",
                           d_out=int(np.asarray(features[nm]).shape[1]), d_in=1, bias=False)
@@ -105,13 +90,14 @@ class GradientStore:
         identity = {"model": {"name": model_name, "fingerprint": _sha256(model_name.encode())[:16]},
                     "projection": proj, "task": "synthetic", "dataset": {"fingerprint": "arrays"}}
         writer = ChunkedStoreWriter(path, identity=identity, units=units, feature_dims=dims, n=n, dtype=dtype,
-                                    chunk_size=chunk_size or max(1, min(n, 65536)), n_classes=n_classes,
-                                    extras=extra_specs, overwrite=overwrite)
-        for c in writer.pending_chunks():
-            a, b = writer.chunk_rows(c)
-            writer.write_chunk(c, {nm: np.asarray(features[nm][a:b], np.float32) for nm in names},
-                               _slice_meta(meta, a, b), {k: np.asarray(v[a:b]) for k, v in extras.items()})
-        writer._seal()  # StoreWriter.finalize() without the open: it cannot be imported here (cycle)
+                                    chunk_size=chunk_size if chunk_size is not None else max(1, min(n, 65536)),
+                                    n_classes=n_classes, extras=extra_specs, overwrite=overwrite)
+        with writer:  # an error aborts: a store this call created and never filled is removed
+            for c in writer.pending_chunks():
+                a, b = writer.chunk_rows(c)
+                writer.write_chunk(c, {nm: np.asarray(features[nm][a:b], np.float32) for nm in names},
+                                   _slice_meta(meta, a, b), {k: np.asarray(v[a:b]) for k, v in extras.items()})
+            writer._seal()  # StoreWriter.finalize() without the open: it cannot be imported here (cycle)
         return GradientStore.open(writer.path)
 
     # ------------------------------------------------------------------ properties
@@ -204,10 +190,13 @@ class GradientStore:
         """
         yield from self._iter_array(f"unit:{name}", block_size, start, stop, verify, decode=True, out=out)
 
-    def extra(self, name: str) -> np.ndarray | None:
-        """Memory-mapped optional array (e.g. ``tokens``, ``embed_grads``, ``reps``), or None."""
+    def extra(self, name: str, *, verify: bool = True) -> np.ndarray | None:
+        """Memory-mapped optional array (e.g. ``tokens``, ``embed_grads``, ``reps``), or None; checksummed on
+        first access unless ``verify=False`` (a corrupt chunk raises CorruptStoreError)."""
         key = f"extra:{name}"
-        return self._memmap(key) if key in self.manifest["arrays"] else None
+        if key not in self.manifest["arrays"]:
+            return None
+        return self._checked(key) if verify else self._memmap(key)
 
     def iter_extra_blocks(self, name: str, block_size: int = 4096, *, verify: bool = True
                           ) -> Iterator[tuple[int, np.ndarray]]:
@@ -252,24 +241,36 @@ class GradientStore:
         return f"{kind} {name!r} ({self._spec(key).path})"
 
     def _check_sizes(self) -> None:
-        for key, a in self.manifest["arrays"].items():
-            spec = ArraySpec(a["path"], tuple(a["row_shape"]), a["dtype"])
-            p = self.path / spec.path
-            want = len(_npy_header(self.n, spec)) + self.n * spec.row_bytes
-            if not p.is_file():
-                raise CorruptStoreError(f"{self.path}: {self._describe(key)} is missing; re-extract the store")
-            got = p.stat().st_size
-            if got != want:
-                raise CorruptStoreError(f"{self.path}: {self._describe(key)} is {got} bytes, expected {want} "
-                                        "(truncated or overwritten); re-extract the store")
+        """Every array file exists with its manifest size and ``.npy`` header (CorruptStoreError naming it)."""
+        for key in self.manifest["arrays"]:
+            spec = self._spec(key)
+            check_array_file(self.path / spec.path, self.n, spec, f"{self.path}: {self._describe(key)}")
 
     @property
     def meta(self) -> StoreMeta:
-        """Per-sample metadata (memory-mapped)."""
+        """Per-sample metadata (memory-mapped), checksummed on first access: a corrupt chunk of ``ids``,
+        ``label``, ... raises CorruptStoreError naming the file and chunk instead of being used."""
         arrays = self.manifest["arrays"]
-        vals = {f: self._memmap(f"meta:{f}") for f in META_FIELDS}
-        logits = self._memmap("meta:logits") if "meta:logits" in arrays else None
+        vals = {f: self._checked(f"meta:{f}") for f in META_FIELDS}
+        logits = self._checked("meta:logits") if "meta:logits" in arrays else None
         return StoreMeta(logits=logits, **vals)
+
+    def _checked(self, key: str) -> np.ndarray:
+        """The memory map of array ``key`` after verifying all its chunks (once per store object)."""
+        arr = self._memmap(key)
+        self._verify_rows(key, 0, self.n, arr)
+        return arr
+
+    def gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """float32 ``[len(rows), k]`` features of unit ``name`` at ``rows``; the chunks holding them are
+        checksummed first (random access that never uses a corrupt chunk silently)."""
+        key = f"unit:{name}"
+        arr = self._memmap(key)
+        rows = np.asarray(rows, dtype=np.int64)
+        c = self.chunk_size
+        for chunk in np.unique(rows // c):
+            self._verify_rows(key, int(chunk) * c, min(self.n, (int(chunk) + 1) * c), arr)
+        return from_storage(arr[rows], self.dtype)
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> list[str]:
@@ -279,11 +280,13 @@ class GradientStore:
             self._check_sizes()
         except CorruptStoreError as e:
             return [str(e)]
+        sums_all = self.manifest.get("checksums")
+        if not isinstance(sums_all, dict):
+            return [f"{self.path}: the manifest records no checksums (an incomplete store?); nothing can be verified"]
         c = self.chunk_size
         for key in self.manifest["arrays"]:
             arr = self._memmap(key)
-            sums = self.manifest["checksums"][key]
-            for chunk, want in enumerate(sums):
+            for chunk, want in enumerate(sums_all[key]):
                 r0, r1 = chunk * c, min(self.n, (chunk + 1) * c)
                 got = _sha256(memoryview(np.ascontiguousarray(arr[r0:r1])).cast("B"))
                 if got != want:
@@ -352,3 +355,24 @@ def _projection_dict(projection: Any) -> dict:
 
 def _slice_meta(meta: Mapping[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[a:b] for k, v in meta.items()}
+
+
+def _check_from_arrays(features: Mapping[str, Any], meta: Mapping[str, Any] | None,
+                       extras: Mapping[str, Any] | None, chunk_size: Any) -> int:
+    """The row count of ``from_arrays``' inputs; ConfigError for a bad shape, a non-numeric (object/str)
+    dtype, a meta/extra array of another length, or a non-positive ``chunk_size``."""
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+                                   or chunk_size <= 0):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    n = int(np.asarray(next(iter(features.values()))).shape[0]) if np.ndim(next(iter(features.values()))) else 0
+    groups = (("feature array", features, 2), ("meta field", meta or {}, None), ("extra array", extras or {}, None))
+    for what, arrays, ndim in groups:
+        for name, value in arrays.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf":
+                raise ConfigError(f"from_arrays: {what} {name!r} has dtype {arr.dtype} ({arr.dtype.kind!r}); "
+                                  "expected numbers (int, float or bool) — convert it first")
+            if (ndim is not None and arr.ndim != ndim) or arr.ndim == 0 or arr.shape[0] != n:
+                raise ConfigError(f"from_arrays: {what} {name!r} has shape {arr.shape}; expected "
+                                  f"{f'[{n}, k]' if ndim == 2 else f'{n} rows'}")
+    return n

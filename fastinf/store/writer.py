@@ -21,7 +21,8 @@ class StoreWriter(ChunkedStoreWriter):
         dtype: feature storage dtype (fp16 | bf16 | fp32). ``n_classes``: store logits [N, C] if given.
         extras: optional arrays ``{name: (row_shape, numpy dtype)}``.
         resume: continue an incomplete store with the same identity instead of refusing.
-        overwrite: replace whatever store is in ``path``.
+        overwrite: replace the store in ``path`` — only one fastinf wrote (``STORE_KIND``: nothing foreign in
+            the directory, else ConfigError naming it), and only after taking the store's lock.
         rank, world: this process's shard in a distributed run (chunks with ``chunk % world == rank``).
         barrier: callable synchronising ranks (distributed runs); None for one process.
     """
