@@ -14,6 +14,18 @@ Sections (``--sections``, default all), every ratio measured in the same run on 
 * ``e2e`` - ``fastinf.extract.extract`` writing a real fp16 store (tokenisation + capture + writes).
 * ``rss`` - peak RSS of ``extract`` in a fresh process at N = 1k and 8k samples (flat in N is the goal),
   at ``--rss-length`` tokens to keep the 8k run short; run on the second core during ``fidelity``.
+* ``auto`` - the issue-17 targets, in a fresh process at T = ``--auto-length`` (32): ``extract`` with the
+  automatic batch (no ``--batch-size``) over ``--auto-n`` SMS rows, end to end (tokenisation, capture, fp16
+  store writes), its peak RSS (VmHWM right after it), and a plain training step (eval mode, batch 32,
+  shuffled, padded to each batch's longest, truncated at T: what an HF training loop runs) over the same
+  rows in the same process: ``ratio = extract samples/s / training-step samples/s``; padding share of
+  both. Targets: peak RSS <= 1.2 GB and ratio >= 1.4.
+* ``overhead`` - the fixed cost of an ``extract`` call (batch-size probe + parameter hashing, cached per
+  model since issue 17): wall minus capture time of repeated 64-row extractions; the first call pays the
+  probe and the hash, later ones reuse them.
+* ``commit`` - an exact store (``attn.v`` units, unprojected) written with the background group commit
+  against the same extraction with a synchronous fsync + record after every chunk (the behaviour before
+  issue 17, emulated with ``StoreWriter.commit()`` after each ``write_chunk``), same run.
 * ``fidelity`` - a 64x512 test x train GradDot matrix from the 16x16 features against the exact one
   (per-sample gradients formed from the captured (x, g), multiplied unit by unit - in float32 by default
   to fit the time budget, ``--exact-dtype float64`` for all-float64 - and summed over units in float64):
@@ -265,6 +277,137 @@ def e2e(model, tok, texts, labels, args) -> list[dict]:
     return rows
 
 
+_AUTO_CHILD = r"""
+import os, sys, tempfile, time, json
+sys.path.insert(0, {root!r})
+import numpy as np, torch
+torch.set_num_threads({threads})
+from bench.extract import load, sms_rows, LAYERS
+from fastinf.data.datasets import TextDataset
+from fastinf.extraction.extract import ExtractStats, extract
+from fastinf.extraction.models import SequenceClassification
+n, T = {n}, {T}
+model, tok = load()
+texts, labels = sms_rows()
+rows = [i % len(texts) for i in range(n)]
+ds = TextDataset(texts=[texts[i] for i in rows], labels=labels[rows], name="sms-auto")
+lengths = np.array([len(x) for x in tok(ds.texts, truncation=True, max_length=T)["input_ids"]])
+with tempfile.TemporaryDirectory() as d:
+    st = ExtractStats()
+    t0 = time.perf_counter()
+    s = extract(model, tok, ds, os.path.join(d, "s"), layers=LAYERS, proj={proj!r}, dtype="fp16",
+                max_length=T, progress=False, stats=st)
+    wall = time.perf_counter() - t0
+    batch = s.identity["batch_size"]
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+chunk = max(batch, min(4096, batch * 16)); padded = 0
+for a in range(0, n, chunk):
+    l = np.sort(lengths[a:a + chunk], kind="stable")
+    padded += sum(int(l[i:i + batch].max()) * len(l[i:i + batch]) for i in range(0, len(l), batch))
+task = SequenceClassification()
+for p in model.parameters():
+    p.requires_grad_(True)
+perm = np.random.default_rng(0).permutation(n); t_train = 0.0; train_padded = 0
+for i in range(0, n, 32):
+    idx = perm[i:i + 32]
+    enc = tok([ds.texts[j] for j in idx], padding=True, truncation=True, max_length=T, return_tensors="pt")
+    b = {{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}}
+    b["labels"] = torch.as_tensor(ds.labels[idx])
+    train_padded += b["input_ids"].numel()
+    t1 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    loss, _ = task.per_sample_loss(model, b)
+    loss.mean().backward()
+    t_train += time.perf_counter() - t1
+print(json.dumps({{"peak_rss_mb": hwm / 1024, "batch": batch, "extract_s": wall, "compute_s": st.compute_s,
+                  "write_s": st.write_s, "train_step_s": t_train, "tokens": int(lengths.sum()),
+                  "extract_padding": 1 - lengths.sum() / padded, "train_padding": 1 - lengths.sum() / train_padded}}))
+"""
+
+
+def auto(args) -> dict:
+    """The issue-17 targets in a fresh process (see the module docstring)."""
+    code = _AUTO_CHILD.format(root=str(ROOT), threads=args.threads, n=args.auto_n, T=args.auto_length,
+                              proj=args.proj)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"auto child failed:\n{res.stderr[-3000:]}")
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    n = args.auto_n
+    out = {"n": n, "T": args.auto_length, "batch": r["batch"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
+           "extract_samples_per_s": round(n / r["extract_s"], 2),
+           "train_step_samples_per_s": round(n / r["train_step_s"], 2),
+           "ratio_extract_over_train_step": round(r["train_step_s"] / r["extract_s"], 3),
+           "extract_compute_s": round(r["compute_s"], 2), "extract_write_s": round(r["write_s"], 3),
+           "padding_share_extract": round(r["extract_padding"], 3),
+           "padding_share_train_step": round(r["train_padding"], 3)}
+    print(f"auto T={out['T']} N={n}: batch {out['batch']}, peak RSS {out['peak_rss_mb']:.0f} MiB, extract "
+          f"{out['extract_samples_per_s']}/s vs train step {out['train_step_samples_per_s']}/s -> ratio "
+          f"{out['ratio_extract_over_train_step']} (padding {out['padding_share_extract']:.1%} vs "
+          f"{out['padding_share_train_step']:.1%})", flush=True)
+    return out
+
+
+def overhead(model, tok, texts, labels, args) -> dict:
+    """Fixed cost per ``extract`` call: wall - tokenize - capture, of repeated 64-row extractions."""
+    from fastinf.data.datasets import TextDataset
+    from fastinf.extraction.extract import ExtractStats, extract
+    from fastinf.extraction.fingerprint import forget
+
+    ds = TextDataset(texts=texts[:64], labels=labels[:64], name="sms-64")
+    forget(model)
+    calls = []
+    for _ in range(args.overhead_calls):
+        with tempfile.TemporaryDirectory() as d:
+            st = ExtractStats()
+            t0 = time.perf_counter()
+            extract(model, tok, ds, Path(d) / "s", layers=LAYERS, proj=args.proj, max_length=32, progress=False,
+                    stats=st)
+            wall = time.perf_counter() - t0
+        calls.append({"wall_s": round(wall, 3), "fixed_s": round(wall - st.compute_s - st.tokenize_s, 3)})
+    out = {"calls": calls, "first_fixed_s": calls[0]["fixed_s"],
+           "later_fixed_s_median": statistics.median(c["fixed_s"] for c in calls[1:]) if len(calls) > 1 else None}
+    print(f"overhead per 64-row extract: first call {out['first_fixed_s']}s fixed, later "
+          f"{out['later_fixed_s_median']}s", flush=True)
+    return out
+
+
+def commit(model, tok, texts, labels, args) -> dict:
+    """Exact ``attn.v`` store: background group commit vs a synchronous commit after every chunk."""
+    from fastinf.data.datasets import TextDataset
+    from fastinf.extraction.extract import ExtractStats, extract
+    from fastinf.store import StoreWriter
+
+    n = args.commit_n
+    ds = TextDataset(texts=texts[:n], labels=labels[:n], name="sms-commit")
+    real = StoreWriter.write_chunk
+    rows = {}
+    for mode in ("sync_every_chunk", "group_commit", "sync_every_chunk", "group_commit"):
+        def write_chunk(self, *a, **k):
+            real(self, *a, **k)
+            if mode == "sync_every_chunk":
+                self.commit()
+        StoreWriter.write_chunk = write_chunk
+        try:
+            with tempfile.TemporaryDirectory(dir=args.commit_dir) as d:
+                st = ExtractStats()
+                t0 = time.perf_counter()
+                s = extract(model, tok, ds, Path(d) / "s", layers="attn.v", proj="exact", dtype="fp32",
+                            batch_size=8, chunk_size=8, max_length=32, progress=False, stats=st)
+                wall = time.perf_counter() - t0
+                mb = sum(p.stat().st_size for p in Path(s.path).rglob("*") if p.is_file()) / 2**20
+        finally:
+            StoreWriter.write_chunk = real
+        rows.setdefault(mode, []).append({"wall_s": round(wall, 2), "write_s": round(st.write_s, 2),
+                                          "store_mb": round(mb, 1)})
+    out = {"n": n, "runs": rows, "wall_ratio_sync_over_group": round(
+        statistics.median(r["wall_s"] for r in rows["sync_every_chunk"]) /
+        statistics.median(r["wall_s"] for r in rows["group_commit"]), 3)}
+    print(f"commit: exact store {rows['group_commit'][0]['store_mb']} MiB, sync-every-chunk / group-commit wall "
+          f"{out['wall_ratio_sync_over_group']} ({rows})", flush=True)
+    return out
+
+
 _RSS_CHILD = r"""
 import os, sys, tempfile, time, json
 sys.path.insert(0, {root!r})
@@ -423,7 +566,7 @@ def fidelity(model, tok, texts, labels, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="throughput,e2e,rss,fidelity")
+    p.add_argument("--sections", default="throughput,e2e,auto,overhead,commit,rss,fidelity")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=6, help="timed batches per method and length")
@@ -435,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-n", type=int, default=192)
     p.add_argument("--rss-n", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 8000])
     p.add_argument("--rss-length", type=int, default=8)
+    p.add_argument("--auto-n", type=int, default=2048, help="rows of the auto section")
+    p.add_argument("--auto-length", type=int, default=32)
+    p.add_argument("--overhead-calls", type=int, default=4)
+    p.add_argument("--commit-n", type=int, default=256, help="rows of the exact store of the commit section")
+    p.add_argument("--commit-dir", default=None, help="where the commit section writes (default: $TMPDIR)")
     p.add_argument("--fid-test", type=int, default=64)
     p.add_argument("--fid-train", type=int, default=512)
     p.add_argument("--fid-length", type=int, default=32)
@@ -466,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         result["throughput"] = throughput(model, tok, texts, labels, args)
     if "e2e" in sections:
         result["e2e"] = e2e(model, tok, texts, labels, args)
+    if "auto" in sections:
+        result["auto"] = auto(args)
+    if "overhead" in sections:
+        result["overhead"] = overhead(model, tok, texts, labels, args)
+    if "commit" in sections:
+        result["commit"] = commit(model, tok, texts, labels, args)
     runs = RssRuns(args) if "rss" in sections else None
     if "fidelity" in sections:
         result["fidelity"] = fidelity(model, tok, texts, labels, args)
@@ -489,6 +643,12 @@ def _targets(r: dict) -> dict:
         t["ratio_a_ok(>=1.4)"] = t["ratio_a_min"] >= 1.4
         t["ratio_b_min"] = min(x["ratio_b_vmap_over_fastinf"] for x in r["throughput"])
         t["ratio_b_ok(>=5)"] = t["ratio_b_min"] >= 5
+    if "auto" in r:
+        a = r["auto"]
+        t["auto_peak_rss_mb"] = a["peak_rss_mb"]
+        t["auto_rss_ok(<=1.2GB)"] = a["peak_rss_mb"] <= 1.2e9 / 2**20
+        t["auto_ratio"] = a["ratio_extract_over_train_step"]
+        t["auto_ratio_ok(>=1.4)"] = a["ratio_extract_over_train_step"] >= 1.4
     if "rss" in r and len(r["rss"]) >= 2:
         growth = r["rss"][-1]["peak_rss_mb"] - r["rss"][0]["peak_rss_mb"]
         t["rss_growth_mb"] = round(growth, 1)

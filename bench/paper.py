@@ -1,229 +1,257 @@
-"""The paper's protocol (Vitel & Chhabra, ICLR 2026) on real GLUE data: does it reproduce here?
+"""The paper's protocol (Vitel & Chhabra, ICLR 2026) on any `fastinf run` config: does it reproduce here?
 
-MiniLM-L6 (packaged), LoRA r=4 / alpha=4 on query+value plus the head; 4,500 SST-2 training sentences
-(MRPC: all 3,668 pairs); 20% uniform label noise; influence set = a random half of the validation set;
-3 seeds. NDR@30 and AUC_NDR for graddot, gradcos, datainf, if (+ the loss and random baselines) over
-the unit groups first (embedding), middle, q1..q4, last (head), all, each with Mean, Rank and Vote.
+Runs (or resumes) each config with ``fastinf.experiment.pipeline.run_experiment`` — the label-prior
+baseline is added to ``score.baselines`` when missing — and writes, per config,
+``<results-dir>/paper_<name>.md`` and ``.json``:
 
-Writes ``bench/results/paper_<task>.md`` (tables and, claim by claim, whether the paper's findings
-hold: *middle beats first*, *Rank/Vote beat Mean*) and ``paper_<task>.json``. The full run writes its
-stages under ``runs/paper_<task>`` (cached: re-running resumes). Not part of ``make test``.
+- held-out accuracy per seed against the majority-class rate (the learned-or-refuse verdict of the run);
+- the claims, each with counts and a 95% CI: **1** middle layers beat the first (embedding) layer, over
+  (method, aggregation) cells; **2a / 2b** Rank / Vote beat Mean, over (method, group) cells. A cell's
+  value is its paired difference averaged over seeds; the verdict is "holds" when the bootstrap CI of the
+  mean difference over cells lies above 0, "does not hold" below 0, else "inconclusive"; a sign test over
+  cells is given too. Each claim on NDR@30 and, where the run has it, on class-balanced NDR@30;
+- the baselines that need no gradients (loss, random, label prior) and where influence beats the best.
 
-    python bench/paper.py                  # both tasks, full protocol (about an hour on 2 cores)
-    python bench/paper.py --quick          # 1 seed, 600 train samples, 1 epoch: a smoke run
-    python bench/paper.py --task mrpc --seeds 0
+    python bench/paper.py --config configs/paper_sst2.yaml --config configs/paper_mrpc.yaml
+    python bench/paper.py --task sst2 --quick           # configs/paper_<task>.yaml, 1 seed, small: a smoke run
+    python bench/paper.py --config my.yaml --results-dir /tmp/paper --allow-unlearned
+
+A model that does not beat the majority class stops the run (``evaluate.require_learned``); the report then
+says so and the script exits 3, unless ``--allow-unlearned``. Claim 3 (NDR predicts retrained accuracy
+better than the cancellation ratio) needs the retraining grid, which this script does not run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE = REPO.parent / "shared" / "data" / "glue"
-TASKS = {
-    # task: (directory, train samples (None = all), validation size, max_length)
-    "sst2": ("SST-2", 4500, 872, 64),
-    "mrpc": ("MRPC", None, 408, 128),
-}
-GROUPS = ["first", "middle", "q1", "q2", "q3", "q4", "last", "all"]
-METHODS = ["graddot", "gradcos", "datainf", "if"]
-HOWS = ["mean", "rank", "vote"]
+HOWS = ("mean", "rank", "vote")
 
 
-def make_config(task: str, *, quick: bool, seeds: list[int], out: Path, n_train: int | None = None,
-                n_test: int | None = None, epochs: int | None = None, max_length: int | None = None,
-                lr: float = 5e-3):
-    from fastinf.experiment.config import (AggregateConfig, DataConfig, ExtractConfig, LoraSettings, ModelConfig,
-                                NoiseConfig, RunConfig, ScoreConfig, TrainConfig)
-
-    folder, full_train, n_dev, full_length = TASKS[task]
-    n_train = n_train or (600 if quick else full_train)
-    n_test = n_test or (100 if quick else n_dev // 2)
-    max_length = max_length or full_length
-    epochs = epochs or (1 if quick else 3)
-    path = GLUE / folder
-    if not (path / "train.tsv").is_file():
-        sys.exit(f"GLUE data not found at {path}; expected train.tsv and dev.tsv (see shared/data/glue/README.md)")
-    return RunConfig(
-        name=f"paper protocol: {task.upper()}" + (" (quick)" if quick else ""),
-        out=str(out),
-        seeds=seeds,
-        data=DataConfig(train={"path": str(path), "split": "train"}, test={"path": str(path), "split": "dev"},
-                        n_train=n_train, n_test=n_test, split_seed=0),
-        noise=NoiseConfig(rate=0.2),
-        model=ModelConfig(name="minilm", max_length=max_length),
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, warmup_ratio=0.1, group_by_length=True,
-                          lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
-        extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=32, cost_repeats=2),
-        score=ScoreConfig(methods=METHODS[:3] if quick else METHODS),
-        aggregate=AggregateConfig(how=HOWS, groups=GROUPS),
-    )
+def _overrides(cfg, args) -> None:
+    """Apply the command line's size / seed / recipe overrides (a reduced run) to ``cfg`` in place."""
+    if args.quick:
+        cfg.seeds, cfg.data.n_train, cfg.data.n_test, cfg.train.epochs = [0], 600, 100, 1
+    if args.seeds:
+        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    for attr, section, key in (("n_train", "data", "n_train"), ("n_test", "data", "n_test"),
+                               ("epochs", "train", "epochs"), ("max_length", "model", "max_length"),
+                               ("lr", "train", "lr")):
+        if getattr(args, attr) is not None:
+            setattr(getattr(cfg, section), key, getattr(args, attr))
+    if "label_prior" not in cfg.score.baselines:
+        cfg.score.baselines = list(cfg.score.baselines) + ["label_prior"]
+    if args.allow_unlearned:
+        cfg.evaluate.require_learned = False
 
 
-def _get(summary, method, how, group, metric="ndr@30"):
-    for s in summary:
-        if (s["method"], s["how"], s["group"], s["kind"]) == (method, how, group, "group"):
-            return s[f"{metric}_mean"], s[f"{metric}_std"], s["n_seeds"]
-    return None
+def load_config(path: Path, args) -> Any:
+    """The RunConfig of ``path`` (relative paths resolved from the repository root) with the overrides."""
+    from fastinf.experiment.config import RunConfig
+
+    cfg = RunConfig.from_yaml(path)
+    _overrides(cfg, args)
+    if args.quick or any(getattr(args, a) is not None for a in ("seeds", "n_train", "n_test", "epochs")):
+        cfg.out = str(Path(cfg.out).with_name(Path(cfg.out).name + "_reduced"))
+    return cfg.validate()
 
 
-def claims(summary, methods) -> list[str]:
-    """Claim-by-claim verdicts with the numbers behind them."""
-    from fastinf.experiment.report import fmt_mean_std
+# ----------------------------------------------------------------------------------------------- claims
+def _index(rows: list[dict], metric: str) -> dict[tuple, float]:
+    """(method, how, group, seed) -> metric, for the named unit groups."""
+    return {(r["method"], r["how"], r["group"], r["seed"]): r[metric] for r in rows
+            if r.get("kind") == "group" and r.get(metric) is not None and not np.isnan(r[metric])}
 
+
+def _cell_diffs(idx: dict[tuple, float], pairs: list[tuple[tuple, tuple]], seeds: list[int]) -> list[float]:
+    """Per cell (a pair of (method, how, group) keys): the paired difference a - b averaged over seeds."""
+    out = []
+    for a, b in pairs:
+        d = [idx[(*a, s)] - idx[(*b, s)] for s in seeds if (*a, s) in idx and (*b, s) in idx]
+        if d:
+            out.append(float(np.mean(d)))
+    return out
+
+
+def _bootstrap_ci(values: np.ndarray, n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def claim(name: str, text: str, diffs: list[float]) -> dict[str, Any]:
+    """Counts, mean paired difference, its bootstrap 95% CI, a two-sided sign test and the verdict."""
+    from fastinf.experiment.learned import binomial_sf
+
+    d = np.asarray(diffs, np.float64)
+    if d.size == 0:
+        return {"claim": name, "text": text, "cells": 0, "verdict": "not testable (the run lacks these cells)"}
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    lo, hi = _bootstrap_ci(d)
+    k = max(wins, losses)
+    p_sign = min(1.0, 2 * binomial_sf(k, wins + losses, 0.5)) if wins + losses else 1.0
+    verdict = "holds" if lo > 0 else ("does not hold" if hi < 0 else "inconclusive")
+    return {"claim": name, "text": text, "cells": int(d.size), "wins": wins, "losses": losses,
+            "mean_diff": float(d.mean()), "ci95": [lo, hi], "p_sign": p_sign, "verdict": verdict}
+
+
+def claims(rows: list[dict], metric: str) -> list[dict[str, Any]]:
+    """Claims 1, 2a and 2b on ``metric`` from the per-seed metric rows."""
+    idx = _index(rows, metric)
+    seeds = sorted({k[3] for k in idx})
+    methods = sorted({k[0] for k in idx})
+    groups = sorted({k[2] for k in idx})
+    hows = sorted({k[1] for k in idx})
+    out = [claim("1", "middle layers beat the first (embedding) layer",
+                 _cell_diffs(idx, [((m, h, "middle"), (m, h, "first")) for m in methods for h in hows], seeds))]
+    for tag, alt in (("2a", "rank"), ("2b", "vote")):
+        pairs = [((m, alt, g), (m, "mean", g)) for m in methods for g in groups]
+        out.append(claim(tag, f"{alt.capitalize()} beats Mean", _cell_diffs(idx, pairs, seeds)))
+    for c in out:
+        c["metric"] = metric
+    return out
+
+
+def _claim_line(c: dict[str, Any]) -> str:
+    head = f"**Claim {c['claim']} — {c['text']} ({c['metric']}): {c['verdict']} here**"
+    if not c["cells"]:
+        return head + "."
+    lo, hi = c["ci95"]
+    return (f"{head} — better in {c['wins']} of {c['cells']} cells (worse in {c['losses']}); mean paired "
+            f"difference {c['mean_diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]; sign test p = {c['p_sign']:.3g}.")
+
+
+# -------------------------------------------------------------------------------------------- baselines
+def _mean_std(rows: list[dict], metric: str, **key: Any) -> tuple[float, float, int]:
+    vals = [r[metric] for r in rows if all(r.get(k) == v for k, v in key.items())
+            and r.get(metric) is not None and not np.isnan(r[metric])]
+    if not vals:
+        return float("nan"), 0.0, 0
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def baselines_vs_influence(rows: list[dict], metric: str) -> dict[str, Any]:
+    """Each baseline's mean ± std; the best influence cell; how many cells beat the best baseline."""
+    base = {m: _mean_std(rows, metric, method=m, kind="baseline")
+            for m in sorted({r["method"] for r in rows if r.get("kind") == "baseline"})}
+    cells = {(r["method"], r["how"], r["group"]) for r in rows if r.get("kind") == "group"}
+    means = {c: _mean_std(rows, metric, method=c[0], how=c[1], group=c[2], kind="group") for c in cells}
+    means = {c: v for c, v in means.items() if v[2]}
+    best_base = max(base.items(), key=lambda kv: kv[1][0]) if base else None
+    best_cell = max(means.items(), key=lambda kv: kv[1][0]) if means else None
+    beat = sum(v[0] > best_base[1][0] for v in means.values()) if best_base else 0
+    return {"metric": metric, "baselines": {m: list(v) for m, v in base.items()},
+            "best_baseline": best_base[0] if best_base else None,
+            "best_cell": list(best_cell[0]) if best_cell else None,
+            "best_cell_value": list(best_cell[1]) if best_cell else None,
+            "cells_beating_best_baseline": int(beat), "cells": len(means)}
+
+
+def _baseline_lines(b: dict[str, Any]) -> list[str]:
+    from fastinf.experiment.summary import fmt_mean_std
+
+    if not b["baselines"] or b["best_cell"] is None:
+        return [f"({b['metric']}: no baselines or no influence cells in this run.)"]
+    bl = ", ".join(f"{m} {fmt_mean_std(*v)}" for m, v in b["baselines"].items())
+    m, h, g = b["best_cell"]
+    best = fmt_mean_std(*b["best_cell_value"])
+    return [f"Baselines ({b['metric']}, mean ± std over seeds): {bl}.",
+            f"Best influence cell: `{g}` with {m}/{h}, {best}; {b['cells_beating_best_baseline']} of "
+            f"{b['cells']} (method, aggregation, group) cells beat the best baseline ({b['best_baseline']})."]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _accuracy_lines(results: dict[str, Any]) -> list[str]:
     lines = []
-    # 1. middle beats first
-    wins, total, detail = 0, 0, []
-    for m in methods:
-        for h in HOWS:
-            a, b = _get(summary, m, h, "middle"), _get(summary, m, h, "first")
-            if a is None or b is None:
-                continue
-            total += 1
-            wins += a[0] > b[0]
-            detail.append(f"{m}/{h}: middle {fmt_mean_std(*a)} vs first {fmt_mean_std(*b)}")
-    verdict = "holds" if wins > total / 2 else ("does not hold" if wins < total / 2 else "is a tie")
-    lines.append(f"**Claim 1 — middle layers beat the first (embedding) layer: {verdict} here** "
-                 f"(middle > first in {wins} of {total} method/aggregation pairs, NDR@30).")
-    lines += [""] + [f"- {d}" for d in detail] + [""]
-    # 2. rank / vote beat mean
-    for alt in ("rank", "vote"):
-        wins, total, detail = 0, 0, []
-        for m in methods:
-            for g in GROUPS:
-                a, b = _get(summary, m, alt, g), _get(summary, m, "mean", g)
-                if a is None or b is None:
-                    continue
-                total += 1
-                wins += a[0] > b[0]
-                if g in ("middle", "all"):
-                    detail.append(f"{m}/{g}: {alt} {fmt_mean_std(*a)} vs mean {fmt_mean_std(*b)}")
-        verdict = "holds" if wins > total / 2 else ("does not hold" if wins < total / 2 else "is a tie")
-        lines.append(f"**Claim 2{'a' if alt == 'rank' else 'b'} — {alt.capitalize()} beats Mean: {verdict} here** "
-                     f"({alt} > mean in {wins} of {total} method/group pairs, NDR@30; examples below).")
-        lines += [""] + [f"- {d}" for d in detail] + [""]
-    groups = [s for s in summary if s["kind"] == "group" and s["method"] in methods]
-    best = max(groups, key=lambda s: s["ndr@30_mean"])
-    lines.append(f"**Best overall here:** `{best['group']}` with {best['method']}/{best['how']} "
-                 f"(NDR@30 {fmt_mean_std(best['ndr@30_mean'], best['ndr@30_std'], best['n_seeds'])}); the `loss` "
-                 "baseline: " + ", ".join(fmt_mean_std(s["ndr@30_mean"], s["ndr@30_std"], s["n_seeds"])
-                                         for s in summary if s["method"] == "loss") + ".")
+    for t in results["train"]:
+        v = t.get("learned")
+        if v:
+            lines.append(f"- seed {t['seed']}: held-out accuracy {v['accuracy']:.3f} vs majority {v['majority']:.3f} "
+                         f"(n={v['n']}, binomial p={v['p_binomial']:.3g}): **{v['verdict']}**")
+        else:
+            lines.append(f"- seed {t['seed']}: held-out accuracy {t['heldout_acc']:.3f} (no learned check recorded)")
     return lines
 
 
-def write_outputs(task: str, res, quick: bool, seconds: float, load: tuple[float, float, float]) -> Path:
-    from fastinf.experiment.report import fmt_mean_std
-
+def write_outputs(name: str, cfg, res, seconds: float, results_dir: Path) -> Path:
+    """The markdown verdicts and a compact JSON of one config's run."""
     results = res.results
-    summary = results["summary"]
-    methods = results["config"]["score"]["methods"]
-    md = [f"# Paper protocol on {TASKS[task][0]}" + (" (quick smoke run)" if quick else ""), ""]
-    d, t = results["config"]["data"], results["config"]["train"]
-    folder, full_train, n_dev, _ = TASKS[task]
-    deviations = []
-    if (d["n_train"] or 0) != (full_train or 0) and not (full_train is None and d["n_train"] is None):
-        deviations.append(f"{d['n_train']} training samples instead of {full_train or 'all 3,668'}")
-    if d["n_test"] != n_dev // 2:
-        deviations.append(f"{d['n_test']} influence-set samples instead of {n_dev // 2}")
-    if len(results["setup"]["seeds"]) != 3:
-        deviations.append(f"{len(results['setup']['seeds'])} seed(s) instead of 3")
-    if t["epochs"] != 3:
-        deviations.append(f"{t['epochs']} epoch(s) instead of 3")
-    if deviations:
-        md += ["**Reduced protocol** (the CPU budget of this run did not allow the full one): "
-               + "; ".join(deviations) + ". Conclusions below are about this reduced setting only; "
-               "`python bench/paper.py` runs the full protocol.", ""]
-    md.append("Setup: " + ", ".join(f"{k}: {v}" for k, v in results["setup"].items() if k != "chance") + ".")
-    md.append(f"Chance: NDR@30 ≈ {results['setup']['chance']['ndr@30']:.3f}, AUC_NDR ≈ "
-              f"{results['setup']['chance']['auc_ndr']:.3f}. Fine-tuned held-out accuracy per seed: "
-              + ", ".join(f"{t['heldout_acc']:.3f} (epoch {t['best_epoch']})" for t in results["train"]) + ".")
-    from fastinf.store import GradientStore
-
-    for t in results["train"]:
-        labels = np.asarray(GradientStore.open(Path(res.out) / f"seed-{t['seed']}" / "stores" / "test").meta.label)
-        majority = np.bincount(labels).max() / labels.size
-        if t["heldout_acc"] <= majority + 0.02:
-            md.append(f"**Caveat (seed {t['seed']}):** the fine-tuned model's held-out accuracy "
-                      f"({t['heldout_acc']:.3f}) does not beat the majority class ({majority:.3f}): it has barely "
-                      "learned the task, so these influence scores describe an under-trained model.")
-    md.append(f"Stage time {sum(results['timings'].values()) / 60:.1f} min (this invocation {seconds / 60:.1f} min; "
-              f"cached stages are reused) on {os.cpu_count()} CPU cores shared with other jobs "
-              f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); full report: "
-              f"`{Path(res.report.markdown).relative_to(REPO)}` (not committed).")
-    md.append("")
-    md += claims(summary, methods)
-    md.append("")
-    for metric in ("ndr@30", "auc_ndr"):
-        md.append(f"## {metric} (mean ± std over seeds)")
-        md.append("")
-        md.append("| method / aggregation | " + " | ".join(GROUPS) + " |")
-        md.append("|---|" + "---|" * len(GROUPS))
-        for m in methods:
-            for h in HOWS:
-                cells = []
-                for g in GROUPS:
-                    v = _get(summary, m, h, g, metric)
-                    cells.append(fmt_mean_std(*v) if v else "")
-                md.append(f"| {m} / {h} | " + " | ".join(cells) + " |")
-        md.append("")
-        md.append("Baselines (one score per sample, no layers): " + ", ".join(
-            f"{s['method']} {fmt_mean_std(s[f'{metric}_mean'], s[f'{metric}_std'], s['n_seeds'])}"
-            for s in summary if s["kind"] == "baseline") + ".")
-        md.append("")
-    rec = results.get("recommendation")
-    if rec:
-        r = rec["recommended"]
-        md.append(f"Recommended layers (best NDR@30 lift per unit of extraction cost): `{r['group']}` "
-                  f"({r['method']}/{r['how']}, NDR@30 {r['quality']:.3f} at {100 * r['cost_share']:.0f}% of the "
-                  "all-unit extraction cost).")
-    out = REPO / "bench" / "results" / f"paper_{task}{'_quick' if quick else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    metrics = ["ndr@30"] + (["bal_ndr@30"] if any("bal_ndr@30" in r for r in rows) else [])
+    all_claims = [c for m in metrics for c in claims(rows, m)]
+    base = [baselines_vs_influence(rows, m) for m in metrics + ["auc_ndr"]]
+    md = [f"# Paper protocol: {cfg.name}", "", f"Config hash `{results['config_hash']}`; seeds {cfg.seeds}; "
+          f"{len(rows)} metric rows; stage time {sum(results['timings'].values()) / 60:.1f} min (this invocation "
+          f"{seconds / 60:.1f} min) on {os.cpu_count()} CPU cores (load {os.getloadavg()[0]:.1f}).", "",
+          "## Did the model learn?", ""] + _accuracy_lines(results) + ["", "## Claims", ""]
+    md += [_claim_line(c) + "\n" for c in all_claims]
+    md += ["## Baselines", ""] + [ln for b in base for ln in _baseline_lines(b) + [""]]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"paper_{name}.md"
     out.write_text("\n".join(md) + "\n")
-    compact = {"task": task, "quick": quick, "seconds": seconds, "load_average": load, "cpu_count": os.cpu_count(),
-               "python": platform.python_version(), "config_hash": results["config_hash"],
-               "setup": results["setup"], "train": results["train"], "costs": results["costs"],
-               "summary": [s for s in summary if s["kind"] in ("group", "baseline")]}
+    compact = {"name": name, "config": results["config"], "config_hash": results["config_hash"],
+               "seconds": seconds, "train": results["train"], "claims": all_claims, "baselines": base}
     out.with_suffix(".json").write_text(json.dumps(compact, indent=1, default=str) + "\n")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=["sst2", "mrpc", "both"], default="both")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 600 train / 100 test samples, 1 epoch")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
-    ap.add_argument("--n-train", type=int, default=None, help="override the training-set size (a reduced run)")
-    ap.add_argument("--n-test", type=int, default=None, help="override the influence-set size")
-    ap.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default 3)")
-    ap.add_argument("--max-length", type=int, default=None, help="override the token limit")
-    ap.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+def write_refusal(name: str, cfg, err: Exception, results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"paper_{name}.md"
+    out.write_text(f"# Paper protocol: {cfg.name}\n\n**Not evaluated:** {err}\n\nNo claim is tested on a model "
+                   "that did not learn (rerun with --allow-unlearned to see the numbers anyway).\n")
+    return out
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+
+def run_one(path: Path, args) -> int:
+    from fastinf.experiment.learned import NotLearnedError
     from fastinf.experiment.pipeline import run_experiment
 
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
-    for task in (["sst2", "mrpc"] if args.task == "both" else [args.task]):
-        out = REPO / "runs" / f"paper_{task}{'_quick' if args.quick else ''}"
-        cfg = make_config(task, quick=args.quick, seeds=seeds, out=out, n_train=args.n_train, n_test=args.n_test,
-                          epochs=args.epochs, max_length=args.max_length, lr=args.lr)
-        t0 = time.perf_counter()
-        res = run_experiment(cfg, echo=lambda m: print(f"[{task} {time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-        path = write_outputs(task, res, args.quick, time.perf_counter() - t0, os.getloadavg())
-        print(path.read_text())
+    cfg = load_config(path, args)
+    name = Path(cfg.out).name
+    t0 = time.perf_counter()
+    echo = lambda m: print(f"[{name} {time.perf_counter() - t0:7.1f}s] {m}", flush=True)  # noqa: E731
+    try:
+        res = run_experiment(cfg, out=args.out or cfg.out, echo=echo)
+    except NotLearnedError as e:
+        print(write_refusal(name, cfg, e, args.results_dir).read_text())
+        return 3
+    print(write_outputs(name, cfg, res, time.perf_counter() - t0, args.results_dir).read_text())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", action="append", type=Path, default=[], help="a fastinf run config (repeatable)")
+    ap.add_argument("--task", choices=["sst2", "mrpc", "both"], default=None,
+                    help="shortcut for --config configs/paper_<task>.yaml")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 600 train / 100 test samples, 1 epoch")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds")
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default: the config's out)")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--allow-unlearned", action="store_true", help="evaluate.require_learned: false")
+    args = ap.parse_args(argv)
+    tasks = {"sst2": ["sst2"], "mrpc": ["mrpc"], "both": ["sst2", "mrpc"]}.get(args.task or "", [])
+    configs = [p.resolve() for p in args.config] + [REPO / "configs" / f"paper_{t}.yaml" for t in tasks]
+    if not configs:
+        ap.error("give --config CONFIG (repeatable) or --task")
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)
+    os.chdir(REPO)                                 # the configs' relative paths start at the repository root
+    return max(run_one(p, args) for p in configs)
 
 
 if __name__ == "__main__":

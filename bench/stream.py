@@ -14,6 +14,10 @@ bytes = its /proc/self/io ``wchar`` and the sizes of the files it created):
    ``rank_share_of_pass`` (time in ranking / accumulating the slabs).
 2. same-run comparison at N = ``--two-stage-n``: fused and two-stage (score set on disk, then
    aggregation, then Parquet), wall / bytes / RSS, and whether the results agree (rank/vote exactly).
+3. the loop order (``--compare-loop``): the fused run again with ``--slab-mb 0`` (one test block per set:
+   each train block read, decoded and checksum-looked-up once per *test block*, the loop before the
+   set loop) against the default set loop (read once per set of test blocks whose slabs fit
+   ``--slab-mb``); wall and peak RSS of both, and that the integer sums agree exactly.
 
 Writes bench/results/stream.json (``--out``). The machine may be shared: the load average is recorded.
 
@@ -133,7 +137,8 @@ def child(args: argparse.Namespace) -> None:
     io0, t0 = _io(), time.perf_counter()
     if args.child == "fused":
         res = fastinf.influence(args.test, args.train, args.method, HOWS, GROUPS, out=work / "agg.parquet",
-                                block_bytes=args.block_mb << 20, threads=args.threads)
+                                block_bytes=args.block_mb << 20, threads=args.threads,
+                                slab_bytes=max(1, args.slab_mb << 20))
     else:
         scores = fastinf.score(args.test, args.train, args.method, out=work / "scores",
                                block_bytes=args.block_mb << 20)
@@ -165,7 +170,8 @@ def run_child(kind: str, test: Path, train: Path, work: Path, n: int, a: argpars
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--child", kind, "--test", str(test), "--train", str(train),
            "--work", str(work), "--method", a.method, "--block-mb", str(a.block_mb), "--n-rows", str(n),
-           "--m", str(a.m), "--units", str(a.units), "--k", str(a.k), "--baseline-units", str(baseline_units)]
+           "--m", str(a.m), "--units", str(a.units), "--k", str(a.k), "--baseline-units", str(baseline_units),
+           "--slab-mb", str(a.slab_mb)]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -182,6 +188,17 @@ def _agree(a: Path, b: Path) -> dict:
         rel = max(float(np.max(np.abs(x[key] - y[key]) / np.maximum(np.abs(y[key]), 1e-30)))
                   for key in x.files if key.endswith("/mean"))
     return {"rank_vote_identical": bool(exact), "mean_max_rel_diff": rel}
+
+
+def _loop_comparison(tmp: Path, a: argparse.Namespace, set_loop: dict) -> dict:
+    """The fused run with one test block per set (``--slab-mb 0``) against the set loop run before it."""
+    one = run_child("fused", tmp / "test", tmp / "train", tmp / "fused_per_block", a.n,
+                    argparse.Namespace(**{**vars(a), "slab_mb": 0}))
+    agree = _agree(tmp / "fused_per_block" / "result.npz", tmp / "fused" / "result.npz")
+    shutil.rmtree(tmp / "fused_per_block")
+    return {"wall_s": one["wall_s"], "peak_rss_bytes": one["peak_rss_bytes"], "set_blocks": one["fused"]["set_blocks"],
+            "set_loop_set_blocks": set_loop["fused"]["set_blocks"], "agreement": agree,
+            "speedup_of_set_loop": one["wall_s"] / set_loop["wall_s"]}
 
 
 def _versions() -> dict:
@@ -212,6 +229,8 @@ def main(a: argparse.Namespace) -> dict:
                                    "train_bytes": _tree_bytes(tmp / "train")}
         result["fused"] = run_child("fused", tmp / "test", tmp / "train", tmp / "fused", a.n, a,
                                     baseline_units=min(a.units, a.baseline_units))
+        if a.compare_loop:
+            result["per_block_loop"] = _loop_comparison(tmp, a, result["fused"])
         shutil.rmtree(tmp / "fused")
         if a.two_stage_n:
             write_store(tmp / "train2", a.two_stage_n, units, a.k, 3, "train2")
@@ -238,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="graddot")
     p.add_argument("--block-mb", type=int, default=256, help="block_bytes of both paths, MiB")
     p.add_argument("--threads", type=int, default=None, help="C++ rank threads (default: all)")
+    p.add_argument("--slab-mb", type=int, default=1024, help="fused: slabs of one set of test blocks, MiB "
+                                                               "(0: one test block per set)")
+    p.add_argument("--compare-loop", type=int, default=1, help="also run the per-test-block loop (1) or not (0)")
     p.add_argument("--baseline-units", type=int, default=2, help="units timed for the matmul baseline")
     p.add_argument("--tmp", default=None, help="directory for the stores (default: the system temp dir)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "stream.json"))

@@ -40,7 +40,7 @@ def tiny_config(root: Path) -> dict:
         "train": {"epochs": 1, "batch_size": 16, "lr": 1e-2,
                   "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]}},
         "extract": {"layers": "all", "proj": "4x4", "batch_size": 64, "cost_samples": 16, "cost_repeats": 1},
-        "score": {"methods": METHODS},
+        "score": {"methods": METHODS, "fused": False},     # the two-stage path: tests read its score sets
         "aggregate": {"how": HOWS, "groups": GROUPS},
     }
 

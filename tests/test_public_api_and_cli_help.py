@@ -13,7 +13,7 @@ import fastinf
 from fastinf.cli.app import COMMANDS, build_parser
 
 CLI_COMMANDS = ["layers", "extract", "store", "score", "demo", "aggregate", "ndr", "index", "search", "train",
-                "run", "plan"]
+                "run", "plan", "factors", "lds"]
 
 
 @pytest.mark.parametrize("name", fastinf.__all__)

@@ -26,6 +26,8 @@ COMMANDS: list[str] = [
     "fastinf.cli.train",
     "fastinf.cli.run",
     "fastinf.cli.plan",
+    "fastinf.cli.lds",
+    "fastinf.cli.factors",
 ]
 
 

@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
     p.add_argument("--device-memory", default=None, help="memory to plan for, e.g. 16G (default: the device's)")
     p.add_argument("--fraction", type=float, default=0.8, help="share of the memory safe sizes may use")
+    p.add_argument("--aggregate", default="rank,vote,mean", help="fused pass: the aggregations planned for")
+    p.add_argument("--groups", default="first,middle,last,all", help="fused pass: the unit groups planned for")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -54,6 +56,8 @@ def _units_from_config(path: str, task: str, num_labels: int | None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastinf.aggregation.aggregate import _parse_hows
+    from fastinf.cli.aggregate import parse_groups
     from fastinf.extraction.plan import plan
 
     if args.model:
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         target = _units_from_config(args.config, args.task, args.num_labels)
     p = plan(target, args.layers, args.proj, dtype=args.dtype, n=args.n, m=args.m, batch_size=args.batch_size,
              block_size=args.block_size, max_length=args.max_length, method=args.method, rank=args.rank,
-             task=args.task, device=args.device, device_memory=args.device_memory, fraction=args.fraction)
+             task=args.task, device=args.device, device_memory=args.device_memory, fraction=args.fraction,
+             groups=parse_groups(args.groups), hows=_parse_hows(args.aggregate))
     if args.json:
         json.dump(p.to_dict(), sys.stdout, indent=1)
         print()

@@ -5,6 +5,8 @@ writes the score set (with its replayable ``score_config.json``) and optionally 
 rows. Like ``extract``: a rerun of the same command on a finished set recomputes nothing (prints the
 summary), ``--resume`` continues an interrupted run, ``--overwrite`` replaces only a score set fastinf
 wrote, and a different request in ``--out`` is refused naming the difference.
+With ``--aggregate HOWS`` the command is fused score -> aggregate instead (no per-unit scores; ``--out`` is
+a ``.parquet`` file): see :mod:`fastinf.cli.score_fused`.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+from fastinf.cli.score_fused import add_fused_args, fused_requested, run_fused
+
 
 # the same tuple as fastinf.estimators.METHODS (kept here so that `fastinf --help` does not import torch;
 # tests/test_scores_cli.py pins the two together)
-METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", "loss", "repsim", "tracin_we")
+METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", "loss", "repsim", "tracin_we", "kfac", "ekfac")
+METHODS = METHODS + ("outlier",)          # Outlier Gradient Analysis (fastinf.scoring.outlier)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--parquet: most helpful (top), most detrimental (bottom) or both")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_fused_args(p)
+    _add_stream_args(p)
     p.set_defaults(func=run)
 
 
@@ -98,12 +105,25 @@ def _write_parquet(s, args: argparse.Namespace) -> int:
     return rows
 
 
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    """Score-while-extracting flags (--train-data, --model, --keep-store, ...): fastinf/cli/score_stream.py."""
+    from fastinf.cli.score_stream import add_stream_args
+
+    add_stream_args(p)
+
+
 def run(args: argparse.Namespace) -> int:
     from fastinf import __version__
     from fastinf.errors import ConfigError
     from fastinf.scoring.estimators import score
     from fastinf.scoring.score_files import write_json
 
+    if getattr(args, "train_data", None):   # score while extracting (fastinf/cli/score_stream.py)
+        from fastinf.cli.score_stream import run_stream
+
+        return run_stream(args)
+    if fused_requested(args):       # --aggregate: fused score -> aggregate (fastinf/cli/score_fused.py)
+        return run_fused(args)
     _check_outputs(args)
     checkpoints = None
     if args.checkpoint:

@@ -2,9 +2,12 @@
 SMS demo set — all turned into one small in-memory ``TextDataset``. Noise injection lives in
 ``fastinf.data.noise``; both are re-exported by ``fastinf.data``.
 
-Column detection (override with ``text_column=``, ``text_pair_column=``, ``label_column=``):
-text: text, sentence, sentence1, question, "#1 String"; pair: text_pair, sentence2, "#2 String";
-label: label, labels, Quality. GLUE TSVs (SST-2, MRPC) are read with quoting off, MRPC's BOM stripped.
+Column detection (override with ``text_column=``, ``text_pair_column=``, ``label_column=``; names or
+indices): known pairs first (question/sentence, question1/question2, sentence1/sentence2, premise/hypothesis,
+"#1 String"/"#2 String"), else text: text, sentence, sentence1, question, ...; label: label, labels, Quality,
+is_duplicate, gold_label, score (``fastinf.data.layouts``). GLUE TSVs are read with quoting off, MRPC's BOM
+stripped; headerless files via ``header=False`` (+ ``columns=``), CoLA's layout detected. String labels map
+by ``label_names=`` (or sorted), regression scores need ``label_threshold=`` (``fastinf.data.labels``).
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import numpy as np
 
 from fastinf.data.files import PAIR_COLUMNS, TEXT_COLUMNS, file_not_found, looks_like_path, read_table
 from fastinf.data.labels import checked_labels, checked_texts, labels_to_int
+from fastinf.data.layouts import LABEL_COLUMNS, pick_pair, resolve_column
 from fastinf.errors import DataError
 
 __all__ = ["TextDataset", "sms_spam_path", "load_sms", "load_dataset_spec", "from_hf", "as_text_dataset"]
 
-LABEL_COLUMNS = ("label", "labels", "Quality")
 HUB_ALIASES = {"glue:sst2": ("glue", "sst2"), "glue:mrpc": ("glue", "mrpc"), "glue:cola": ("glue", "cola"),
                "glue:qnli": ("glue", "qnli"), "glue:rte": ("glue", "rte")}
 
@@ -123,49 +126,57 @@ def load_sms(limit: int | None = None) -> TextDataset:
     return ds.subset(np.arange(min(limit, len(ds)))) if limit else ds
 
 
-def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str,
+def _pick(columns: Sequence[str], wanted: Any, candidates: Sequence[str], what: str,
           source: str, required: bool) -> str | None:
     if wanted is not None:
-        if wanted not in columns:
-            raise DataError(f"{source}: no {what} column {wanted!r}; columns are {list(columns)}")
-        return wanted
+        return resolve_column(columns, wanted, what, source)
     for c in candidates:
         if c in columns:
             return c
     if required:
         raise DataError(f"{source}: no {what} column found (looked for {list(candidates)}); columns are "
-                        f"{list(columns)} - name it with --{what.replace(' ', '-')}-column")
+                        f"{list(columns)} - name it with --{what.replace(' ', '-')}-column (a file without a "
+                        "header line: header: false and columns: [...])")
     return None
 
 
-def _labels_to_int(values: Sequence[Any], source: str) -> tuple[np.ndarray, list[str] | None]:
-    """Integer labels as-is; string labels mapped to 0..C-1 in sorted order (names returned)."""
-    return labels_to_int(values, source)
-
-
-def _from_columns(cols: dict[str, list[Any]], source: str, text_column: str | None,
-                  text_pair_column: str | None, label_column: str | None, need_labels: bool) -> TextDataset:
-    names = list(cols)
+def _text_columns(names: Sequence[str], text_column: Any, text_pair_column: Any,
+                  source: str) -> tuple[str, str | None]:
+    """The text and pair columns: given ones, else a known pair layout, else the first text column."""
+    if text_column is None and text_pair_column is None:
+        pair = pick_pair(names)
+        if pair is not None:
+            return pair
     tc = _pick(names, text_column, TEXT_COLUMNS, "text", source, True)
-    pc = _pick(names, text_pair_column, PAIR_COLUMNS, "text pair", source, False)
+    pc = _pick(names, text_pair_column, [c for c in PAIR_COLUMNS if c != tc], "text pair", source, False)
+    return tc, pc
+
+
+def _from_columns(cols: dict[str, list[Any]], source: str, text_column: Any, text_pair_column: Any,
+                  label_column: Any, need_labels: bool, label_names: Sequence[str] | None = None,
+                  label_threshold: float | None = None) -> TextDataset:
+    names = list(cols)
+    tc, pc = _text_columns(names, text_column, text_pair_column, source)
     lc = _pick(names, label_column, LABEL_COLUMNS, "label", source, need_labels)
-    labels, label_names = (None, None) if lc is None else _labels_to_int(cols[lc], source)
+    labels, found_names = (None, None) if lc is None else labels_to_int(
+        cols[lc], source, label_names=label_names, label_threshold=label_threshold)
     return TextDataset(texts=cols[tc], text_pairs=cols[pc] if pc else None, labels=labels,
-                       name=Path(source).name, label_names=label_names)
+                       name=Path(source).name, label_names=found_names)
 
 
-def _read_table(path: Path) -> dict[str, list[Any]]:
-    return read_table(path)
-
-
-def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | None = None,
-                      text_pair_column: str | None = None, label_column: str | None = None,
-                      limit: int | None = None, need_labels: bool = True) -> TextDataset:
+def load_dataset_spec(spec: str, *, split: str = "train", text_column: Any = None, text_pair_column: Any = None,
+                      label_column: Any = None, limit: int | None = None, need_labels: bool = True,
+                      header: bool | None = None, columns: Sequence[str] | None = None,
+                      label_names: Sequence[str] | None = None, label_threshold: float | None = None) -> TextDataset:
     """Load ``spec``: "sms" (packaged demo), a local file, or an HF hub name ("glue:sst2", "imdb", ...).
 
     A spec that looks like a path (a suffix, a separator) and does not exist is "file not found"; only
-    names shaped like Hub ids reach the Hub.
+    names shaped like Hub ids reach the Hub. ``header`` / ``columns``: a headerless .csv/.tsv (None: detect
+    GLUE's known headerless layouts). ``label_names``: the class order of string labels (a name not in it
+    is refused); ``label_threshold``: binarise a regression score (class 1 = score >= threshold).
     """
+    if header is not None and not isinstance(header, bool):
+        raise DataError(f"header must be true, false or null (detect); got {header!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit <= 0):
         raise DataError(f"limit must be a positive integer, got {limit!r}")
     local = Path(str(spec)).expanduser()
@@ -179,11 +190,13 @@ def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | Non
             if not found:
                 raise DataError(f"{path} is a directory without {split}.tsv/.csv/.jsonl/.parquet")
             path = found[0]
-        ds = _from_columns(_read_table(path), str(path), text_column, text_pair_column, label_column, need_labels)
+        ds = _from_columns(read_table(path, header, columns), str(path), text_column, text_pair_column,
+                           label_column, need_labels, label_names, label_threshold)
     elif looks_like_path(str(spec)):
         raise file_not_found(str(spec))
     else:
-        ds = _load_hub(spec, split, text_column, text_pair_column, label_column, need_labels)
+        ds = _load_hub(spec, split, text_column, text_pair_column, label_column, need_labels,
+                       label_names, label_threshold)
     if len(ds) == 0:
         raise DataError(f"dataset {spec!r} (split {split!r}) is empty; nothing to extract")
     if limit is not None:
@@ -191,8 +204,9 @@ def load_dataset_spec(spec: str, *, split: str = "train", text_column: str | Non
     return ds
 
 
-def _load_hub(spec: str, split: str, text_column: str | None, text_pair_column: str | None,
-              label_column: str | None, need_labels: bool) -> TextDataset:
+def _load_hub(spec: str, split: str, text_column: Any, text_pair_column: Any, label_column: Any,
+              need_labels: bool, label_names: Sequence[str] | None = None,
+              label_threshold: float | None = None) -> TextDataset:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a core dependency
@@ -205,13 +219,16 @@ def _load_hub(spec: str, split: str, text_column: str | None, text_pair_column: 
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
         raise DataError(f"could not load dataset {spec!r} split {split!r} from the hub ({type(e).__name__}: {e}); "
                         "check the name, your network (HF_HUB_OFFLINE) or use a local file") from e
-    return from_hf(hf, text_column=text_column, text_pair_column=text_pair_column,
-                   label_column=label_column, need_labels=need_labels, name=spec)
+    return from_hf(hf, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                   need_labels=need_labels, name=spec, label_names=label_names, label_threshold=label_threshold)
 
 
-def from_hf(hf: Any, *, text_column: str | None = None, text_pair_column: str | None = None,
-            label_column: str | None = None, need_labels: bool = True, name: str = "hf") -> TextDataset:
-    """Convert an HF ``datasets.Dataset`` (or a dict of columns, or a list of row dicts)."""
+def from_hf(hf: Any, *, text_column: Any = None, text_pair_column: Any = None, label_column: Any = None,
+            need_labels: bool = True, name: str = "hf", label_names: Sequence[str] | None = None,
+            label_threshold: float | None = None) -> TextDataset:
+    """Convert an HF ``datasets.Dataset`` (or a dict of columns, or a list of row dicts).
+
+    A ``ClassLabel`` label column keeps its names (``label_names``) unless they are given."""
     if isinstance(hf, list):
         bad = next((i for i, r in enumerate(hf) if not isinstance(r, dict)), None)
         if bad is not None:
@@ -226,12 +243,22 @@ def from_hf(hf: Any, *, text_column: str | None = None, text_pair_column: str | 
             raise DataError(f"{name}: column {bad_col!r} is a {type(cols[bad_col]).__name__}, not a list of values")
     elif hasattr(hf, "column_names"):
         cols = {k: list(hf[k]) for k in hf.column_names}
+        label_names = label_names if label_names is not None else _class_label_names(hf, label_column)
     else:
         raise DataError(f"cannot read a dataset from a {type(hf).__name__}; pass a TextDataset, a file path or "
                         "Hub id, an HF dataset, a dict of columns or a list of row dicts")
-    ds = _from_columns(cols, name, text_column, text_pair_column, label_column, need_labels)
+    ds = _from_columns(cols, name, text_column, text_pair_column, label_column, need_labels, label_names,
+                       label_threshold)
     ds.name = name
     return ds
+
+
+def _class_label_names(hf: Any, label_column: Any) -> list[str] | None:
+    """The names of an HF ``ClassLabel`` label column (None for other features)."""
+    features = getattr(hf, "features", None) or {}
+    col = label_column if isinstance(label_column, str) else next((c for c in LABEL_COLUMNS if c in features), None)
+    names = getattr(features.get(col), "names", None) if col is not None else None
+    return list(names) if names else None
 
 
 def as_text_dataset(data: Any, *, need_labels: bool = True) -> TextDataset:

@@ -12,16 +12,16 @@ import csv
 import difflib
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastinf.data.layouts import PAIR_COLUMNS, TEXT_COLUMNS, detect_headerless, headerless_names
 from fastinf.errors import DataError
 
-__all__ = ["SUFFIXES", "read_table", "looks_like_path", "file_not_found"]
+__all__ = ["SUFFIXES", "TEXT_COLUMNS", "PAIR_COLUMNS", "read_table", "looks_like_path", "file_not_found"]
 
 SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")
-TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String", "content", "document")
-PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
 
 
 def looks_like_path(spec: str) -> bool:
@@ -66,28 +66,53 @@ def _decode(path: Path) -> str:
                         "re-save the file as UTF-8") from e
 
 
-def _read_delimited(path: Path, suffix: str) -> dict[str, list[Any]]:
+def _delimited_rows(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty row of a .csv/.tsv/.txt (TSV: quoting off, as GLUE)."""
     delim = "," if suffix == ".csv" else "\t"
     quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
     reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delim, quoting=quoting)
+    rows = []
     try:
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path} is empty; expected a header line and one row per sample") from None
-        dup = sorted({h for h in header if header.count(h) > 1})
-        if dup:
-            raise DataError(f"{path}:1: column {dup[0]!r} appears more than once in the header; rename it")
-        cols: dict[str, list[Any]] = {h: [] for h in header}
         for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, header has {len(header)}")
-            for h, v in zip(header, row):
-                cols[h].append(v.strip() if h not in TEXT_COLUMNS + PAIR_COLUMNS else v.rstrip(" "))
+            if row:
+                rows.append((reader.line_num, row))
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: not readable as {suffix[1:].upper()} ({e})") from e
+    if not rows:
+        raise DataError(f"{path} is empty; expected a header line and one row per sample")
+    return rows
+
+
+def _header_and_data(path: Path, rows: list[tuple[int, list[str]]], header: bool | None,
+                     columns: Sequence[str] | None) -> tuple[list[str], list[tuple[int, list[str]]], str]:
+    """Column names, data rows and how the names were found ("header", "columns", "layout <name>")."""
+    if columns is not None and header:
+        raise DataError(f"{path}: columns names the columns of a headerless file; with header: true pick "
+                        "columns with text_column / label_column instead")
+    if header is None and columns is None:
+        found = detect_headerless([r for _, r in rows[:20]])
+        if found is not None:
+            return list(found[1]), rows, f"layout {found[0]}"
+    if header is False or columns is not None:
+        return headerless_names(columns, len(rows[0][1]), str(path)), rows, "columns"
+    names = [h.strip() for h in rows[0][1]]
+    dup = sorted({h for h in names if names.count(h) > 1})
+    if dup:
+        raise DataError(f"{path}:1: column {dup[0]!r} appears more than once in the header; rename it")
+    return names, rows[1:], "header"
+
+
+def _read_delimited(path: Path, suffix: str, header: bool | None = None,
+                    columns: Sequence[str] | None = None) -> dict[str, list[Any]]:
+    names, data, how = _header_and_data(path, _delimited_rows(path, suffix), header, columns)
+    cols: dict[str, list[Any]] = {h: [] for h in names}
+    texts = set(TEXT_COLUMNS + PAIR_COLUMNS)
+    for line, row in data:
+        if len(row) != len(names):
+            what = "header has" if how == "header" else f"{how} names"
+            raise DataError(f"{path}:{line}: {len(row)} fields, {what} {len(names)}")
+        for h, v in zip(names, row):
+            cols[h].append(v.strip() if h not in texts else v.rstrip(" "))
     return cols
 
 
@@ -147,11 +172,17 @@ def _read_parquet(path: Path) -> dict[str, list[Any]]:
         raise DataError(f"{path}: not a readable Parquet file ({first}); check the file or convert it") from e
 
 
-def read_table(path: Path) -> dict[str, list[Any]]:
-    """Column name -> values of a local data file, chosen by its suffix."""
+def read_table(path: Path, header: bool | None = None, columns: Sequence[str] | None = None) -> dict[str, list[Any]]:
+    """Column name -> values of a local data file, chosen by its suffix.
+
+    ``header`` / ``columns`` apply to .csv/.tsv/.txt (see ``fastinf.data.layouts``): None detects GLUE's
+    known headerless layouts, False reads the first line as data (names from ``columns`` or "0", "1", ...)."""
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv", ".txt"):
-        return _read_delimited(path, suffix)
+        return _read_delimited(path, suffix, header, columns)
+    if header is not None or columns is not None:
+        raise DataError(f"{path}: header / columns apply to .csv and .tsv files; a {suffix} file names its "
+                        "columns itself")
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":

@@ -3,7 +3,11 @@
 * A missing label (``None``, NaN, or a string such as ``""``/``"nan"``/``"null"``) is refused with the rows
   it sits on — never an extra class.
 * A numeric label must be an integer class: ``1`` and ``1.0`` are class 1, ``1.7`` is refused (never 1).
-* String labels (``"ham"``/``"spam"``) map to 0..C-1 in sorted order, the names kept.
+* String labels (``"ham"``/``"spam"``) map to 0..C-1 in sorted order, the names kept — or by a given
+  ``label_names`` list (the training set's, a model's ``config.id2label``), an unknown name refused.
+  :func:`align_label_names` maps a second split (a test file holding only some of the names) like the first.
+* A regression score (fractional values such as STS-B's 0-5) is refused with a hint, or binarised by an
+  explicit ``label_threshold`` (class 1 = score >= threshold).
 * A missing text (``None``/NaN) is refused — never the string ``"None"``; bytes must be UTF-8.
 """
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 
 from fastinf.errors import DataError
 
-__all__ = ["MISSING_STRINGS", "checked_texts", "checked_labels", "labels_to_int"]
+__all__ = ["MISSING_STRINGS", "checked_texts", "checked_labels", "labels_to_int", "align_label_names",
+           "label_names_from_config"]
 
 # label strings that mean "no label" (pandas/CSV conventions); compared lower-cased and stripped
 MISSING_STRINGS = frozenset({"", "nan", "-nan", "null", "<na>", "n/a", "#n/a"})
@@ -81,8 +86,10 @@ def _numeric(values: Sequence[Any], source: str) -> np.ndarray | None:
         try:
             k = _as_int(v)
         except ValueError:
-            raise DataError(f"{source}: label {v!r} at row {i} is not an integer class; labels are never "
-                            "truncated - round them yourself or use integer or string class labels") from None
+            raise DataError(f"{source}: label {v!r} at row {i} is not an integer class - this looks like a "
+                            "regression score; labels are never truncated: set label_threshold (e.g. 3.0, "
+                            "class 1 = score >= threshold) to binarise it, or use integer or string class "
+                            "labels") from None
         except OverflowError:
             raise DataError(f"{source}: label {v!r} at row {i} is too large for a class id") from None
         if k is None:
@@ -94,18 +101,109 @@ def _numeric(values: Sequence[Any], source: str) -> np.ndarray | None:
     return out
 
 
-def labels_to_int(values: Sequence[Any], source: str) -> tuple[np.ndarray, list[str] | None]:
-    """Numeric labels as integer classes; string labels mapped to 0..C-1 in sorted order (names returned)."""
+def _thresholded(values: Sequence[Any], threshold: float, source: str) -> tuple[np.ndarray, list[str]]:
+    """Scores binarised at ``threshold``: class 1 = score >= threshold (the paper's rule for scored pairs)."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: label_threshold must be a number, got {threshold!r}") from None
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        try:
+            f = float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            raise DataError(f"{source}: label {v!r} at row {i} is not a number; label_threshold binarises "
+                            "numeric scores only") from None
+        if not math.isfinite(f):
+            raise DataError(f"{source}: label {v!r} at row {i} is not finite; drop or fix that row")
+        out[i] = int(f >= t)
+    return out, [f"< {t:g}", f">= {t:g}"]
+
+
+def _by_names(values: Sequence[Any], names: Sequence[str], source: str) -> np.ndarray:
+    """String labels mapped by their position in ``names``; a name not in the list is refused."""
+    index = {str(n): i for i, n in enumerate(names)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        k = index.get(str(v).strip())
+        if k is None:
+            raise DataError(f"{source}: label {v!r} at row {i} is not one of the label names {list(names)}; "
+                            "fix the label or list every class in label_names")
+        out[i] = k
+    return out
+
+
+def labels_to_int(values: Sequence[Any], source: str, *, label_names: Sequence[str] | None = None,
+                  label_threshold: float | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """Integer classes of ``values`` and their names (None for plain integer labels).
+
+    Numeric labels are integer classes as they are (``label_names``, when given, must cover them); string
+    labels map by ``label_names`` when given, else to 0..C-1 in sorted order; ``label_threshold`` binarises
+    numeric scores."""
     missing = [i for i, v in enumerate(values) if _is_missing(v)]
     if missing:
         raise DataError(f"{source}: {len(missing)} label(s) missing (null, NaN or empty) at {_rows(missing)}; "
                         "drop those rows or label them (a missing label is never a class of its own)")
+    if label_threshold is not None:
+        return _thresholded(values, label_threshold, source)
+    names = None if label_names is None else [str(n) for n in label_names]
+    if all(isinstance(v, str) and _as_number_or_none(v) is None for v in values) and values:
+        if names is not None:
+            return _by_names(values, names, source), names
+        names = sorted({str(v).strip() for v in values})
+        return _by_names(values, names, source), names
     arr = _numeric(values, source)
-    if arr is not None:
-        return arr, None
-    names = sorted({str(v) for v in values})
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[str(v)] for v in values], dtype=np.int64), names
+    if arr is None:
+        raise DataError(f"{source}: labels mix numbers and names; use one kind of label per file")
+    if names is not None and arr.size and (arr.min() < 0 or arr.max() >= len(names)):
+        bad = int(arr[(arr < 0) | (arr >= len(names))][0])
+        raise DataError(f"{source}: label {bad} is not a class of label_names {names} (0..{len(names) - 1})")
+    return arr, names
+
+
+def _as_number_or_none(v: str) -> float | None:
+    try:
+        return float(v.strip())
+    except ValueError:
+        return None
+
+
+def align_label_names(ds: Any, reference: Any) -> Any:
+    """``ds`` with its labels mapped onto ``reference``'s label names (a TextDataset or a list of names).
+
+    A test file holding only ``"spam"`` is mapped per file to class 0; aligned to a training set whose names
+    are ``["ham", "spam"]`` it becomes class 1, as it must. A name the reference lacks, or names on one side
+    and plain integers on the other, is a DataError."""
+    ref = getattr(reference, "label_names", reference)
+    own = ds.label_names
+    if ds.labels is None or (ref is None and own is None):
+        return ds
+    if ref is None or own is None:
+        side = "names" if own is not None else "integers"
+        raise DataError(f"{ds.name}: labels are {side} {own or ''} but the reference set's are "
+                        f"{'names ' + str(list(ref)) if ref is not None else 'integers'}; use one kind for both "
+                        "splits (or give label_names)")
+    ref = [str(n) for n in ref]
+    missing = [n for n in own if n not in ref]
+    if missing:
+        raise DataError(f"{ds.name}: label {missing[0]!r} is not a class of the reference set {ref}; fix the "
+                        "label or list every class in label_names")
+    remap = np.array([ref.index(n) for n in own], dtype=np.int64)
+    out = ds.with_labels(remap[ds.labels])
+    out.label_names = ref
+    return out
+
+
+def label_names_from_config(config: Any) -> list[str] | None:
+    """The class names of a model config's ``id2label`` (None when absent or the default ``LABEL_i``)."""
+    id2label = getattr(config, "id2label", None) or {}
+    try:
+        names = [str(id2label[i]) for i in range(len(id2label))]
+    except KeyError:
+        return None
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
 
 
 def checked_labels(labels: Any, n: int, source: str) -> np.ndarray:

@@ -31,16 +31,16 @@ from fastinf.experiment.config_io import config_hash, from_dict, to_dict
 
 __all__ = [
     "DataConfig", "NoiseConfig", "ModelConfig", "LoraSettings", "TrainConfig", "ExtractConfig",
-    "ScoreConfig", "AggregateConfig", "FilterRetrainConfig", "EvaluateConfig", "RunConfig",
+    "ScoreConfig", "AggregateConfig", "FilterRetrainConfig", "EvaluateConfig", "LdsConfig", "RunConfig",
     "config_hash", "from_dict", "to_dict", "demo_config",
 ]
 
 METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")   # per-unit train x test estimators run by `fastinf run`
-BASELINES = ("loss", "random")
+BASELINES = ("loss", "random", "label_prior")
 AGGREGATIONS = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
 DTYPES = ("float16", "bfloat16", "float32")
 # keys of a mapping-form dataset spec (passed to fastinf.data.load_dataset_spec)
-DATASET_SPEC_KEYS = ("path", "split", "text_column", "text_pair_column", "label_column")
+DATASET_SPEC_KEYS = ("path", "split", "text_column", "text_pair_column", "label_column", "header", "columns", "label_names", "label_threshold")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -187,9 +187,11 @@ class ScoreConfig:
     """Estimators to compare (per unit) and baselines (one score per train sample)."""
 
     methods: list[str] = field(default_factory=lambda: ["graddot", "gradcos", "datainf"])
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baselines: list[str] = field(default_factory=lambda: ["loss", "random"])   # label_prior: opt-in for now
+    fused: bool = True   # score -> aggregate in one pass (no per-unit score sets); false: the two-stage path
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.fused, bool), f"score.fused must be true or false; got {self.fused!r}")
         _require(bool(self.methods), "score.methods must name at least one estimator")
         for m in self.methods:
             _one_of(m, METHODS, "each of score.methods")
@@ -235,14 +237,41 @@ class FilterRetrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Metrics: NDR at the given percentages (the headline is the first), AUC_NDR and ROC-AUC."""
+    """Metrics: NDR at the given percentages (the headline is the first), AUC_NDR and ROC-AUC; which metric
+    the layer recommendation optimises."""
 
     ndr_at: list[float] = field(default_factory=lambda: [30.0])
     filter_retrain: FilterRetrainConfig = field(default_factory=FilterRetrainConfig)
+    require_learned: bool = True     # stop before influence when the model did not beat the majority class
+    recommend_by: str = "ndr"        # what the layer recommendation optimises: "ndr" (the headline) | "lds"
 
     def __post_init__(self) -> None:
+        _one_of(self.recommend_by, ("ndr", "lds"), "evaluate.recommend_by")
         _require(bool(self.ndr_at) and all(0 < p <= 100 for p in self.ndr_at),
                  f"evaluate.ndr_at must be a non-empty list of percentages in (0, 100]; got {self.ndr_at}")
+
+
+@dataclass
+class LdsConfig:
+    """Linear datamodeling score (optional ``lds:`` section): ``m`` retrains on seeded subsets of a fraction
+    ``alpha`` of the (noisy) train set, each from the run's initial checkpoint with the run's recipe; LDS
+    of every (method, aggregation, group) against their test margins (:mod:`fastinf.experiment.lds`)."""
+
+    m: int = 64                      # subsets (>= 3; TRAK-style LDS uses 50-100)
+    alpha: float = 0.5               # fraction of the train set in each subset
+    seed: int = 0                    # seeds the subsets (the fine-tune seed is the run's seed)
+    workers: int = 1                 # parallel retrain processes
+    epochs: int | None = None        # None: the fine-tune's epochs
+    n_boot: int = 1000               # bootstrap resamples (over test samples) of the CI
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.m, int) and self.m >= 3, f"lds.m must be an integer >= 3; got {self.m!r}")
+        _require(0.0 < self.alpha < 1.0, f"lds.alpha must lie in (0, 1); got {self.alpha!r}")
+        _require(isinstance(self.workers, int) and self.workers >= 1,
+                 f"lds.workers must be a positive integer; got {self.workers!r}")
+        _require(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
+                 f"lds.epochs must be a positive integer or null; got {self.epochs!r}")
+        _require(isinstance(self.n_boot, int) and self.n_boot >= 1, f"lds.n_boot must be >= 1; got {self.n_boot!r}")
 
 
 @dataclass
@@ -260,11 +289,14 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    lds: LdsConfig | None = None     # optional: linear datamodeling score from datamodel retrains
 
     def __post_init__(self) -> None:
         _require(bool(self.seeds) and all(isinstance(s, int) for s in self.seeds),
                  f"seeds must be a non-empty list of integers; got {self.seeds!r}")
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct; got {self.seeds}")
+        _require(self.evaluate.recommend_by != "lds" or self.lds is not None,
+                 "evaluate.recommend_by: lds needs an lds: section (the datamodel retrains that measure it)")
 
     def validate(self) -> "RunConfig":
         """Re-run every section's checks (after programmatic edits); returns ``self``."""

@@ -92,9 +92,45 @@ def _run(r: StageRunner, data: tuple[Any, Any], timings: dict[str, float]) -> Ru
     train, test = data
     r.echo(f"data: {len(train)} train / {len(test)} test samples")
     seeds = [run_seed(r, seed, train, test) for seed in r.cfg.seeds]
+    lds_rows = [row for s in seeds for row in _stage_lds(r, s)] if r.cfg.lds is not None else None
     results = _results(r, train, test, seeds, timings)
+    if lds_rows is not None:
+        _add_lds(results, lds_rows, r.cfg)
     report = _report(r.out, results)
     return RunResult(out=r.out, results=results, report=report, stages_run=r.ran, stages_cached=r.cached)
+
+
+def _stage_lds(r: StageRunner, s: SeedRun) -> list[dict[str, Any]]:
+    """Datamodel retrains and LDS of one seed (``lds.json``; the retrains are cached per subset as well)."""
+    from fastinf.experiment.lds import lds_rows
+    from fastinf.experiment.stages import marker_hash
+
+    cfg = r.cfg
+
+    def do() -> dict[str, Any]:
+        rows = lds_rows(cfg, s.seed, s.sdir, s.noisy_train, s.test, s.stores, s.groups, s.noise.n_classes,
+                        progress=r.progress, echo=r.echo)
+        (s.sdir / "lds.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return {"rows": len(rows)}
+
+    deps = {"lds": to_dict(cfg.lds), "aggregate": to_dict(cfg.aggregate), "methods": list(cfg.score.methods),
+            "baselines": list(cfg.score.baselines), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+    m = r.stage(s.sdir, "lds", deps, do, upstream=s.upstream + [marker_hash(s.sdir, "train")])
+    s.timings["lds"] = s.timings.get("lds", 0.0) + m["seconds"]
+    return json.loads((s.sdir / "lds.json").read_text())
+
+
+def _add_lds(results: dict[str, Any], lds_rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    """LDS next to NDR: the ``lds`` metric (and its CI) on every metric row, the raw LDS rows, the setup, and
+    what the recommendation optimises."""
+    from fastinf.experiment.lds import LDS_METRIC, merge_lds
+
+    merge_lds(results["rows"], lds_rows)
+    results["metrics"] = list(results["metrics"]) + [LDS_METRIC]
+    results["lds"] = lds_rows
+    results["setup"]["lds"] = f"m={cfg.lds.m} subsets at alpha={cfg.lds.alpha:g}"
+    results["setup"]["chance"][LDS_METRIC] = 0.0
+    results["recommend_by"] = LDS_METRIC if cfg.evaluate.recommend_by == "lds" else results["metrics"][0]
 
 
 def _write_config(r: StageRunner) -> None:

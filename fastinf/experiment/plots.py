@@ -1,4 +1,4 @@
-"""The report's plots: layer-wise curves (metric against block depth) and cost against quality.
+"""The report's plots: layer-wise curves (metric against block depth), cost against quality, LDS against NDR.
 
 Both read the summary rows of :mod:`.summary` and write PNGs with matplotlib's Agg backend (imported
 on first use, so the rest of the report needs no matplotlib).
@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_layer_curves", "plot_cost_quality"]
+__all__ = ["plot_layer_curves", "plot_cost_quality", "plot_lds_vs_ndr"]
 
 
 def _plt():
@@ -24,9 +24,9 @@ def _plt():
 
 
 def plot_layer_curves(summary: Sequence[Mapping[str, Any]], out: Path, metric: str,
-                      chance: float | None = None) -> list[Path]:
-    """One PNG per method: ``metric`` against block depth, one line per unit role, one panel per
-    aggregation; the whole-block group (``kind == "block"``) is drawn as a thick black line."""
+                      chance: float | None = None, suffix: str = "") -> list[Path]:
+    """One PNG per method (``layers_<method><suffix>.png``): ``metric`` against block depth, one line per
+    unit role, one panel per aggregation; the whole-block group (``kind == "block"``) is a thick black line."""
     plt = _plt()
     per_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for s in summary:
@@ -42,7 +42,7 @@ def plot_layer_curves(summary: Sequence[Mapping[str, Any]], out: Path, metric: s
         handles, labels = axes[0][-1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
-        path = out / f"layers_{method}.png"
+        path = out / f"layers_{method}{suffix}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
@@ -96,6 +96,37 @@ def plot_cost_quality(rec: Mapping[str, Any], out: Path, metric: str) -> Path | 
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "cost_quality.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_lds_vs_ndr(summary: Sequence[Mapping[str, Any]], out: Path, ndr_metric: str) -> Path | None:
+    """Scatter of LDS against ``ndr_metric`` for every named group x (method, aggregation): do the two
+    yardsticks (noise detection, retraining outcomes) rank the configurations alike? One colour per method."""
+    items = [s for s in summary if s["kind"] == "group" and np.isfinite(s.get("lds_mean", np.nan))
+             and np.isfinite(s.get(f"{ndr_metric}_mean", np.nan))]
+    if not items:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    palette = plt.get_cmap("tab10").colors
+    markers = {"mean": "o", "rank": "s", "vote": "^"}
+    for i, method in enumerate(dict.fromkeys(s["method"] for s in items)):
+        for s in (s for s in items if s["method"] == method):
+            ax.scatter(s[f"{ndr_metric}_mean"], s["lds_mean"], color=palette[i % len(palette)],
+                       marker=markers.get(s["how"], "D"), s=28, label=f"{method}/{s['how']}")
+            ax.annotate(s["group"], (s[f"{ndr_metric}_mean"], s["lds_mean"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel(ndr_metric)
+    ax.set_ylabel("LDS (Spearman over retrained subsets)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "lds_vs_ndr.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

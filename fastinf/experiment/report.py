@@ -16,7 +16,9 @@ Cost schema (``results["costs"]``, one per group)::
 
 Outputs of :func:`write_report` (in ``out``): ``report.md``, ``report.html`` (standalone: images
 inlined), ``layers_<method>.png`` (NDR per block, one line per unit role, one panel per aggregation),
-``cost_quality.png``, ``results.json`` and ``results.parquet`` (the metric rows).
+``cost_quality.png``, ``results.json`` and ``results.parquet`` (the metric rows). With LDS (``results["lds"]``,
+the ``lds`` metric on the rows): ``layers_<method>_lds.png``, ``lds_vs_ndr.png`` and the "LDS next to NDR" table;
+``results["recommend_by"]`` names the metric the layer recommendation optimises.
 
 This module assembles and writes the report; the numbers are :mod:`.summary`, the plots :mod:`.plots`,
 the tables :mod:`.report_tables` (their public names are re-exported here).
@@ -33,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastinf.errors import ConfigError
-from fastinf.experiment.plots import plot_cost_quality, plot_layer_curves
+from fastinf.experiment.plots import plot_cost_quality, plot_layer_curves, plot_lds_vs_ndr
 from fastinf.experiment.report_tables import html_table, md_table, report_tables
 from fastinf.experiment.summary import KEY_FIELDS, _isnan, fmt_mean_std, recommend, summarize
 
@@ -73,7 +75,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> ReportFiles:
     headline = metrics[0]
     chance = _chance(results.get("setup", {}), headline)
     summary, rec = _complete(results, metrics, chance)
-    plots = _plots(summary, rec, out, headline, chance)
+    plots = _plots(summary, rec, out, headline, chance, metrics)
     tables = report_tables(results, summary, rec, metrics)
     title = results.get("title") or f"fastinf run {results.get('config_hash', '')}".strip()
     md = _preamble(title, results.get("setup", {}), headline, chance, rec, plots)
@@ -105,25 +107,34 @@ def _chance(setup: Mapping[str, Any], headline: str) -> float:
 
 def _complete(results: dict[str, Any], metrics: Sequence[str],
               chance: float) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """``results["summary"]`` and ``results["recommendation"]``, computed and stored when absent."""
-    headline = metrics[0]
+    """``results["summary"]`` and ``results["recommendation"]``, computed and stored when absent. The
+    recommendation optimises ``results["recommend_by"]`` (a metric name; default the headline)."""
+    target = results.get("recommend_by") or metrics[0]
+    if target != metrics[0]:
+        chance = _chance(results.get("setup", {}), target)
     if "summary" not in results:
         results["summary"] = summarize(results["rows"], metrics)
     summary = results["summary"]
     costs = results.get("costs", [])
     if "recommendation" not in results:
-        results["recommendation"] = (recommend(summary, costs, headline, chance=chance)
+        results["recommendation"] = (recommend(summary, costs, target, chance=chance)
                                      if costs and not _isnan(chance) else None)
     return summary, results["recommendation"]
 
 
 def _plots(summary: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None, out: Path, headline: str,
-           chance: float) -> list[Path]:
-    """The layer curves, then (with a recommendation) the cost-versus-quality scatter."""
+           chance: float, metrics: Sequence[str] = ()) -> list[Path]:
+    """The layer curves, then (with a recommendation) the cost-versus-quality scatter; with LDS also its
+    layer curves (``layers_<method>_lds.png``) and LDS against NDR per group (``lds_vs_ndr.png``)."""
     plots = plot_layer_curves(summary, out, headline, chance=None if _isnan(chance) else chance)
-    cq = plot_cost_quality(rec, out, headline) if rec else None
+    cq = plot_cost_quality(rec, out, rec["metric"]) if rec else None
     if cq is not None:
         plots.append(cq)
+    if "lds" in metrics:
+        plots += plot_layer_curves(summary, out, "lds", chance=0.0, suffix="_lds")
+        scatter = plot_lds_vs_ndr(summary, out, headline)
+        if scatter is not None:
+            plots.append(scatter)
     return plots
 
 
@@ -139,6 +150,7 @@ def _preamble(title: str, setup: Mapping[str, Any], headline: str, chance: float
         md.append("")
     if rec:
         r, b = rec["recommended"], rec["best_quality"]
+        headline = rec.get("metric", headline)
         md.append(f"**Recommended layers: `{r['group']}`** ({r['method']} + {r['how']}): {headline} "
                   f"{r['quality']:.3f} at {100 * r['cost_share']:.1f}% of the all-unit extraction cost "
                   f"(best lift per unit of cost among groups within {round(100 * (1 - rec['tolerance']))}% "
@@ -228,6 +240,7 @@ def compact_table(results: Mapping[str, Any]) -> str:
     rec = results.get("recommendation")
     if rec:
         r = rec["recommended"]
-        lines.append(f"recommended layers: {r['group']} ({r['method']}/{r['how']}, {metric} {r['quality']:.3f} "
+        lines.append(f"recommended layers: {r['group']} ({r['method']}/{r['how']}, {rec.get('metric', metric)} "
+                     f"{r['quality']:.3f} "
                      f"at {100 * r['cost_share']:.0f}% of the all-unit extraction cost)")
     return "\n".join(lines)

@@ -121,6 +121,31 @@ def _filter_retrain_table(fr: Sequence[Mapping[str, Any]]) -> _Table | None:
                   "(influence), as many random ones (random), or exactly the noisy ones (oracle).")
 
 
+def _lds_table(summary: Sequence[Mapping[str, Any]], headline: str,
+               lds_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
+    """LDS next to NDR for every named group and baseline (mean over seeds; CI over test samples)."""
+    items = [s for s in summary if s["kind"] in ("group", "baseline") and "lds_mean" in s]
+    if not items or not lds_rows:
+        return None
+    ci: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in lds_rows:
+        ci[(r["method"], r["how"], r["group"])].append((r["lds_low"], r["lds_high"]))
+    rows = []
+    for s in items:
+        bounds = ci.get((s["method"], s["how"], s["group"]), [])
+        lo, hi = (float(np.mean([b[0] for b in bounds])), float(np.mean([b[1] for b in bounds]))) if bounds \
+            else (float("nan"), float("nan"))
+        rows.append([s["method"], s["how"], s["group"] if s["kind"] == "group" else "(baseline)",
+                     fmt_mean_std(s[f"{headline}_mean"], s[f"{headline}_std"], s["n_seeds"]),
+                     fmt_mean_std(s["lds_mean"], s["lds_std"], s["n_seeds"]),
+                     "n/a" if _isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"])
+    return _Table(f"LDS next to {headline}", ["method", "aggregation", "group", headline, "LDS", "LDS 95% CI"],
+                  rows, "LDS: per test sample, the Spearman correlation over the retrained subsets between the "
+                  "margin the retrained model reaches and the sum of the subset's scores (positive = the "
+                  "scores predict what training on a subset does; 0 = unrelated); mean over test samples, "
+                  "CI by bootstrap over test samples (averaged over seeds).")
+
+
 def _train_table(train_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
     if not train_rows:
         return None
@@ -132,7 +157,8 @@ def _train_table(train_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
 def report_tables(results: Mapping[str, Any], summary: Sequence[Mapping[str, Any]],
                   rec: Mapping[str, Any] | None, metrics: Sequence[str]) -> list[_Table | None]:
     """The report's tables in order (``None`` for a section without data): per-method aggregation
-    tables, all metrics, costs, baselines, filter and retrain, fine-tuning."""
+    tables, LDS next to NDR (with an ``lds`` metric), all metrics, costs, baselines, filter and retrain,
+    fine-tuning."""
     headline = metrics[0]
     costs = results.get("costs", [])
     groups = list(dict.fromkeys(s["group"] for s in summary if s["kind"] == "group"))
@@ -142,7 +168,8 @@ def report_tables(results: Mapping[str, Any], summary: Sequence[Mapping[str, Any
                          "NDR@p: fraction of all noisy samples among the p% lowest-scored; AUC_NDR normalised as "
                          "in the paper; ROC-AUC of 'noisy' against -score.")
     base = _metric_table(summary, metrics, ("baseline",), "Baselines")
-    cost = _cost_table(costs, rec, headline) if costs else None
+    cost = _cost_table(costs, rec, rec.get("metric", headline) if rec else headline) if costs else None
     fr_table = _filter_retrain_table(results.get("filter_retrain") or [])
     tr_table = _train_table(results.get("train") or [])
-    return [*tables, full, cost, base, fr_table, tr_table]
+    lds = _lds_table(summary, headline, results.get("lds") or []) if "lds" in metrics else None
+    return [*tables, lds, full, cost, base, fr_table, tr_table]

@@ -54,13 +54,9 @@ def _filter_scores(cfg: RunConfig, seed: int, sdir: Path, stores, groups) -> np.
                           f"({', '.join(cfg.aggregate.groups)})")
     if fr.method not in cfg.score.methods:
         raise ConfigError(f"evaluate.filter_retrain.method {fr.method!r} is not in score.methods")
-    from fastinf.aggregation.aggregate import aggregate_all
-    from fastinf.scoring.scores import ScoreSet
+    from fastinf.experiment.groups import aggregated_scores   # fused result file, or the score set
 
-    res = aggregate_all(ScoreSet.open(sdir / "scores" / fr.method), how=fr.how,
-                        vote_p=cfg.aggregate.vote_p, correct_only=cfg.aggregate.correct_only,
-                        groups={fr.group: g["units"]})
-    return res.get(fr.group, fr.how)
+    return aggregated_scores(cfg, sdir, stores, fr.method, fr.how, fr.group, g["units"])
 
 
 def _removals(scores: np.ndarray, noise: NoiseResult, n: int, k: int, seed: int) -> dict[str, np.ndarray]:

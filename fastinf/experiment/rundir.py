@@ -34,7 +34,7 @@ RUN_MARKER, TRAIN_MARKER = "run.json", "fastinf_train.json"
 _TMP = re.compile(r"^\..*\.tmp(-\d+)?$|.*\.tmp(\.npz)?$")
 _RUN_FILES = {RUN_MARKER, "config.yaml", "config_hash.txt", "report.md", "report.html", "results.json",
               "results.parquet", "report.done.json", "locks", "train"}
-_SEED_FILES = {"noise.npz", "noise.json", "train", "stores", "scores", "retrain", "costs.json", "metrics.json",
+_SEED_FILES = {"noise.npz", "noise.json", "train", "stores", "scores", "retrain", "costs.json", "metrics.json", "datamodels", "lds.json",
                "retrain.json", "locks"}
 _TRAIN_FILES = {TRAIN_MARKER, "train.json", "lr_log.json", "config.yaml", "noise.npz", "noise.json", "locks"}
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastinf.data.noise import NoiseResult, inject_noise, load_noise
 from fastinf.experiment.config import to_dict
 from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
-from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups
+from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups, uses_fused
 from fastinf.experiment.retrain import filter_retrain
 from fastinf.experiment.rundir import clear_own_dir
 from fastinf.experiment.stages import StageRunner, marker_hash
@@ -116,6 +116,8 @@ def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
            f"(held-out loss {best.heldout_loss:.4f}, acc {best.heldout_acc:.3f})")
     ctx.train_info = {"seed": ctx.seed, "best_epoch": best.epoch, "heldout_loss": best.heldout_loss,
                       "heldout_acc": best.heldout_acc, "seconds": tr.seconds, "lr_log": tr.lr_log()}
+    from fastinf.experiment.learned import require_learned  # learned-or-refuse (evaluate.require_learned)
+    ctx.train_info["learned"] = require_learned(r.cfg, ctx.seed, best.heldout_acc, ctx.test.labels, r.echo)
 
 
 def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
@@ -172,9 +174,12 @@ def _stage_costs(r: StageRunner, ctx: SeedRun) -> None:
 
 
 def _stage_score(r: StageRunner, ctx: SeedRun) -> None:
-    """Score test x train per method (one cached stage each); apportion the scoring time to the groups."""
+    """Score test x train per method (one cached stage each); apportion the scoring time to the groups.
+    Nothing to do on the fused path (the default): there the evaluate stage scores while aggregating."""
     from fastinf.scoring.estimators import score
 
+    if uses_fused(r.cfg):
+        return
     score_times: dict[str, float] = {}
     for method in r.cfg.score.methods:
         def do(method: str = method) -> dict[str, Any]:
@@ -190,17 +195,26 @@ def _stage_score(r: StageRunner, ctx: SeedRun) -> None:
 
 
 def _stage_evaluate(r: StageRunner, ctx: SeedRun) -> None:
-    """Aggregate and evaluate every (method, aggregation, group) and baseline (``metrics.json``); ``ctx.rows``."""
+    """Aggregate and evaluate every (method, aggregation, group) and baseline (``metrics.json``); ``ctx.rows``.
+    On the fused path this stage also scores (per method: one pass over the stores), and its scoring time
+    is apportioned to the groups' costs."""
     cfg = r.cfg
+    fused = uses_fused(cfg)
     deps = {"aggregate": to_dict(cfg.aggregate), "ndr_at": list(cfg.evaluate.ndr_at),
             "baselines": list(cfg.score.baselines)}
+    if fused:                  # (the two-stage deps stay as they were: its cached stages remain valid)
+        deps["fused"] = {"methods": list(cfg.score.methods)}
 
     def do() -> dict[str, Any]:
-        rows = evaluate_seed(cfg, ctx.seed, ctx.sdir, ctx.stores, ctx.groups, ctx.noise.mask)
+        score_s: dict[str, float] = {}
+        rows = evaluate_seed(cfg, ctx.seed, ctx.sdir, ctx.stores, ctx.groups, ctx.noise.mask, score_s)
         (ctx.sdir / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
-        return {"rows": len(rows)}
+        return {"rows": len(rows), **({"fused_score_s": score_s} if fused else {})}
 
-    _timed(ctx, "aggregate+evaluate", r.stage(ctx.sdir, "evaluate", deps, do, upstream=ctx.upstream))
+    m = _timed(ctx, "score+aggregate+evaluate" if fused else "aggregate+evaluate",
+               r.stage(ctx.sdir, "evaluate", deps, do, upstream=ctx.upstream))
+    if fused:
+        apportion_score_time(ctx.costs, m.get("fused_score_s", {}), ctx.stores["train"])
     ctx.rows = json.loads((ctx.sdir / "metrics.json").read_text())
 
 

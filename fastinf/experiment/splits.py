@@ -36,7 +36,8 @@ def load_splits(cfg: RunConfig):
         n_test = max(1, int(round(d.test_fraction * len(full))))
         test, train = full.subset(np.sort(perm[:n_test]), "test"), full.subset(np.sort(perm[n_test:]), "train")
     else:
-        train, test = full, _load_spec(d.test, "test")
+        from fastinf.data.labels import align_label_names      # the test split maps label names like train
+        train, test = full, align_label_names(_load_spec(d.test, "test"), full)
     if d.n_train is not None and d.n_train < len(train):
         train = train.subset(np.sort(rng.permutation(len(train))[:d.n_train]), train.name)
     if d.n_test is not None and d.n_test < len(test):

@@ -111,7 +111,7 @@ class _UnitCapture:
         self.records: list[_Record] = []
         self.keep_raw = keep_raw
         # The split path (project x in the forward hook) is the torch Kronecker path of linear units.
-        self.split = projector.spec.kind == "kron" and unit.kind != "embedding" and not keep_raw
+        self.split = projector.spec.kind != "exact" and unit.kind != "embedding" and not keep_raw
         pad = getattr(module, "padding_idx", None) if unit.kind == "embedding" else None
         self.padding_idx = pad
 

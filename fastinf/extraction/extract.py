@@ -12,42 +12,28 @@ batch-mates beyond floating-point rounding, and the order is deterministic (byte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from fastinf.data.datasets import TextDataset, as_text_dataset
 from fastinf.errors import ConfigError, DataError
+from fastinf.extraction.fingerprint import model_fingerprint  # noqa: F401 (re-exported: the store identity)
 from fastinf.store import GradientStore, StoreWriter, canonical_dtype
 from fastinf.store.claim import check_free_space, preflight_store
 
 log = logging.getLogger(__name__)
 
-
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Identity of a model: class, config hash and a hash of every parameter's bytes."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if not torch.is_tensor(p):
-            continue
-        h.update(name.encode())
-        t = p.detach().to("cpu").contiguous()
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    cfg = getattr(model, "config", None)
-    cfg_json = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
-    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
-    return {"name": str(name), "class": type(model).__name__,
-            "config_hash": hashlib.sha256(cfg_json.encode()).hexdigest()[:16],
-            "fingerprint": h.hexdigest()[:32]}
+# Largest automatic batch on CPU. Measured (bench/extract.py, MiniLM, T=32, 1 thread): batch 256 peaked at
+# 2.6 GB RSS, 32 at 1.1 GB, with throughput within noise (length-sorted chunks pad ~3.5% at any batch size).
+CPU_BATCH_CAP = 32
 
 
 @dataclass
@@ -177,10 +163,12 @@ def _check_sizes(max_length: int, batch_size: int | None, chunk_size: int | None
         raise ConfigError(f"chunk_size must be a positive integer (rows per crash-safe chunk), got {chunk_size!r}")
 
 
-def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike, *, layers: Any,
+def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike | None, *, layers: Any,
              proj: Any, task: Any, dtype: str, batch_size: int | None, max_length: int, seed: int,
              token_grads: bool, device: Any) -> _Run:
-    """Resolve the arguments of :func:`extract`: dataset and task, device and units, length, batch, projectors."""
+    """Resolve the arguments of :func:`extract`: dataset and task, device and units, length, batch, projectors.
+
+    ``out`` None: no store is written (score-while-extracting): no free-space check, no earlier batch size."""
     from fastinf.extraction.models import make_task
     from fastinf.extraction.plan import auto_batch_size
     from fastinf.extraction.sizes import store_bytes
@@ -199,11 +187,12 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os
     extras = {}
     if token_grads:
         extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
-    if not (Path(out) / "manifest.json").exists():  # a new store must fit on disk before any heavy work
+    if out is not None and not (Path(out) / "manifest.json").exists():  # a new store must fit on disk first
         check_free_space(Path(out), store_bytes(len(ds), dims, dtype, n_classes, extras))
     if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
-        batch_size = _previous_batch_size(out) or auto_batch_size(
-            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=len(ds))
+        batch_size = (_previous_batch_size(out) if out is not None else None) or auto_batch_size(
+            model, units, spec, max_length=max_length, dtype=dtype, task=task_obj, n=len(ds),
+            cap=CPU_BATCH_CAP if device.type == "cpu" else 256)
     projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
     return _Run(ds=ds, n=len(ds), task_obj=task_obj, task_name=task_name, n_classes=n_classes, device=device,
                 units=units, emb=emb, spec=spec, dtype=dtype, max_length=max_length, batch_size=batch_size,
@@ -261,7 +250,7 @@ def _identity(run: _Run, model: torch.nn.Module, model_name: str | None) -> dict
         model_id["head"] = json.loads(json.dumps(head, sort_keys=True, default=str))
     return {
         "model": model_id,
-        "projection": {"kind": spec.kind, "k_out": spec.k_out, "k_in": spec.k_in, "seed": spec.seed},
+        "projection": spec.identity(model_id),   # factors of another model are refused here
         "task": run.task_name,
         "max_length": int(run.max_length),
         "batch_size": int(run.batch_size),
@@ -273,29 +262,46 @@ def _extract_chunk(run: _Run, model: torch.nn.Module, tokenizer: Any, writer: St
                    stats: ExtractStats, bar: Any) -> None:
     """Compute one chunk's rows batch by batch (length-sorted) and write them back in store order."""
     a, b = writer.chunk_rows(chunk)
-    feats: dict[str, list[np.ndarray]] = {u.name: [] for u in run.units}
-    meta: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "label", "loss", "pred", "correct", "logits")}
-    ext: dict[str, list[np.ndarray]] = {k: [] for k in run.extras}
-    # Batches of similar length (sorted within the chunk) waste little compute on padding; a
-    # sample's features do not depend on its batch-mates, and the order is deterministic.
-    order = _length_sorted_rows(tokenizer, run.ds, a, b, run.max_length)
-    for s in range(0, b - a, run.batch_size):
-        rows = order[s:s + run.batch_size]
-        _extract_batch(run, model, tokenizer, rows, feats, meta, ext, stats)
-        bar.update(len(rows))
+    feats, meta, ext = collect_chunk(chunk_batches(run, model, tokenizer, a, b, stats, bar), a)
     t3 = time.perf_counter()
-    back = np.argsort(order, kind="stable")  # rows back into store order
-    writer.write_chunk(chunk, {k: np.concatenate(v)[back] for k, v in feats.items()},
-                       {k: np.concatenate(v)[back] for k, v in meta.items() if v},
-                       {k: np.concatenate(v)[back] for k, v in ext.items()})
+    writer.write_chunk(chunk, feats, meta, ext)
     stats.write_s += time.perf_counter() - t3
     stats.samples += b - a
 
 
-def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.ndarray,
-                   feats: dict[str, list[np.ndarray]], meta: dict[str, list[np.ndarray]],
-                   ext: dict[str, list[np.ndarray]], stats: ExtractStats) -> None:
-    """Tokenize and capture one batch of ``rows``, appending its features, metadata and extras."""
+def chunk_batches(run: _Run, model: torch.nn.Module, tokenizer: Any, a: int, b: int, stats: ExtractStats,
+                  bar: Any) -> Iterator[tuple[np.ndarray, dict, dict, dict]]:
+    """``(rows, features, meta, extras)`` per batch of dataset rows ``a..b-1``, in order of token length.
+
+    Batches of similar length (sorted within the chunk) waste little compute on padding; a sample's
+    features do not depend on its batch-mates, and the order is deterministic. ``features`` maps unit
+    name -> float32 [B, k], ``meta`` field -> [B, ...] (store fields), ``extras`` name -> [B, ...].
+    Used by :func:`extract` (via :func:`collect_chunk`) and by score-while-extracting.
+    """
+    order = _length_sorted_rows(tokenizer, run.ds, a, b, run.max_length)
+    for s in range(0, b - a, run.batch_size):
+        rows = order[s:s + run.batch_size]
+        feats, meta, ext = _extract_batch(run, model, tokenizer, rows, stats)
+        bar.update(len(rows))
+        yield rows, feats, meta, ext
+
+
+def collect_chunk(batches: Iterator[tuple[np.ndarray, dict, dict, dict]], a: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The batches of one chunk starting at row ``a``, concatenated back into store (row) order."""
+    rows, parts = [], ([], [], [])
+    for r, *outs in batches:
+        rows.append(r)
+        for acc, out in zip(parts, outs):
+            acc.append(out)
+    back = np.argsort(np.concatenate(rows) - a, kind="stable")
+    return tuple({k: np.concatenate([p[k] for p in acc])[back] for k in (acc[0] if acc else {})}
+                 for acc in parts)  # type: ignore[return-value]
+
+
+def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.ndarray, stats: ExtractStats
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Tokenize and capture one batch of ``rows``: its features, metadata and extras."""
     from fastinf.extraction.capture import features_for_batch
 
     ds, emb = run.ds, run.emb
@@ -304,22 +310,19 @@ def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.n
     t1 = time.perf_counter()
     res = features_for_batch(model, run.units, run.projectors, batch, run.task_obj, check_finite=False,
                              raw_units={emb.name} if run.token_grads else None)
-    for name in feats:
-        feats[name].append(res.features[name].detach().float().cpu().numpy())
+    feats = {u.name: res.features[u.name].detach().float().cpu().numpy() for u in run.units}
     t2 = time.perf_counter()
-    meta["ids"].append(ds.ids[rows])
-    meta["label"].append(ds.labels[rows] if ds.labels is not None else np.full(len(rows), -1))
-    meta["loss"].append(res.loss.detach().float().cpu().numpy())
-    meta["pred"].append(_np(res.pred, len(rows), -1))
-    meta["correct"].append(_np(res.correct, len(rows), False))
+    meta = {"ids": ds.ids[rows], "label": ds.labels[rows] if ds.labels is not None else np.full(len(rows), -1),
+            "loss": res.loss.detach().float().cpu().numpy(), "pred": _np(res.pred, len(rows), -1),
+            "correct": _np(res.correct, len(rows), False)}
     if run.n_classes:
-        meta["logits"].append(res.logits.detach().float().cpu().numpy())
+        meta["logits"] = res.logits.detach().float().cpu().numpy()
+    ext = {}
     if run.token_grads:
-        ids_pad, g_pad = _token_grad_rows(batch, res.raw[emb.name], run.max_length)
-        ext["tokens"].append(ids_pad)
-        ext["embed_grads"].append(g_pad)
+        ext["tokens"], ext["embed_grads"] = _token_grad_rows(batch, res.raw[emb.name], run.max_length)
     stats.tokenize_s += t1 - t0
     stats.compute_s += t2 - t1
+    return feats, meta, ext
 
 
 def _warn_nonfinite(store: GradientStore) -> None:

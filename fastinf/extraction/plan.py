@@ -14,6 +14,8 @@ scoring memory per block    for a train block of ``b`` rows: decoded block (stor
                             float64 test features and the ``M x b`` score block (float64 accumulation, float32
                             written) -> the largest safe block ``b``
 aggregation memory          per test-row slab of ``N`` scores: the slab, its ranks and the accumulators
+fused score -> aggregate    ``Plan.fused``: memory (slabs of a set of test blocks, one slab's ranks, accumulators,
+                            a train block) and disk (results + resume state) next to the two-stage score files
 ==========================  ===================================================================================
 
 The extraction model is calibrated, not guessed, when a model is given: a *probe* runs the real capture
@@ -44,7 +46,7 @@ from fastinf.errors import ConfigError
 from fastinf.extraction.probe import probe_activation_bytes
 from fastinf.extraction.sizes import (META_BYTES_PER_SAMPLE, MAX_BATCH, _ITEMSIZE, _agg_bytes, _analytic_activation_bytes,
                                       _capture_bytes, _largest_batch, _largest_block, _precond_bytes, _score_bytes,
-                                      device_memory_bytes, format_bytes, parse_bytes)
+                                      device_memory_bytes, format_bytes, fused_atoms, fused_costs, parse_bytes)
 
 __all__ = ["UnitPlan", "Plan", "plan", "auto_batch_size", "auto_block_size", "device_memory_bytes",
            "parse_bytes", "format_bytes", "probe_activation_bytes"]
@@ -103,6 +105,7 @@ class Plan:
     safe_block_size: int
     agg_block_rows: int
     notes: list[str] = field(default_factory=list)
+    fused: dict = field(default_factory=dict)   # the fused score -> aggregate pass (sizes.fused_costs)
 
     # ------------------------------------------------------------------ totals
     @property
@@ -178,6 +181,7 @@ class Plan:
             "score_file_bytes": self.score_file_bytes, "budget": self.budget,
             "extract_bytes": self.extract_bytes(), "extract_peak_bytes": self.extract_peak_bytes(),
             "score_bytes": self.score_bytes(), "aggregate_bytes": self.aggregate_bytes(),
+            "fused_disk_bytes": self.fused.get("disk_bytes"), "fused_memory_bytes": self.fused.get("memory_bytes"),
         }
         return d
 
@@ -206,6 +210,14 @@ class Plan:
             f"block {self.safe_block_size:,}",
             f"aggregation: {self.agg_block_rows} test rows per slab -> {format_bytes(self.aggregate_bytes())}",
         ]
+        f = self.fused
+        if f:
+            lines.append(f"fused score->aggregate ({f['groups']} groups x {f['hows']} hows, {f['atoms']} atoms): disk "
+                         f"{format_bytes(f['disk_bytes'])} (results {format_bytes(f['result_bytes'])} + resume state "
+                         f"{format_bytes(f['state_bytes'])}) vs two-stage score files "
+                         f"{format_bytes(self.score_file_bytes)}; memory {format_bytes(f['memory_bytes'])} (slabs of "
+                         f"{f['test_block']} test rows, {f['set_blocks']} per set, {f['train_passes_per_unit']} "
+                         f"train pass(es) per unit)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -220,7 +232,8 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
          block_size: int | None = None, chunk_size: int | None = None, max_length: int = 128,
          method: str = "graddot", rank: int | None = None, task: Any = "seq-cls",
          device: Any = None, device_memory: int | str | None = None, fraction: float = DEFAULT_FRACTION,
-         probe: bool = True) -> Plan:
+         probe: bool = True, groups: Sequence[str] = ("first", "middle", "last", "all"),
+         hows: Sequence[str] = ("rank", "vote", "mean")) -> Plan:
     """Plan an influence run: per-unit store/preconditioner/scoring costs and safe batch/block sizes.
 
     Args:
@@ -234,7 +247,7 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
         device, device_memory: where the run happens and how much memory it has ("16G", bytes; default:
             the device's memory). fraction: share of it the safe sizes may use.
         probe: measure activations with two tiny forward/backward passes (model given); False uses the
-            analytic estimate.
+            analytic estimate. groups, hows: the aggregation the fused pass is planned for.
     """
     import torch
 
@@ -262,6 +275,9 @@ def plan(model_or_units: Any, layers: str | Sequence[str] | None = "all", proj: 
              param_bytes=int(param_bytes), activation_bytes_per_sample=int(act), activation_source=source,
              chunk_size=int(cs), batch_size=bs, block_size=blk, safe_batch_size=int(safe_batch),
              safe_block_size=int(safe_block), agg_block_rows=agg_rows, notes=notes)
+    atoms = fused_atoms(units, groups)
+    p.fused = {"groups": len(groups), "hows": len(hows), "atoms": atoms,
+               **fused_costs(n, m, [r.feature_dim for r in rows], _ITEMSIZE[dtype], atoms, len(groups), len(hows))}
     return p
 
 

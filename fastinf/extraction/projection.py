@@ -1,10 +1,12 @@
 """Projection of per-sample unit gradients to fixed-size features, without forming the gradients.
 
 For a linear unit ``y = x Wᵀ (+ b)`` the per-sample gradient is ``∇W = Σ_t g_t x_tᵀ`` (``g = ∂ℓ/∂y``).
-Three operators, one per ``ProjectionSpec.kind`` and unit kind:
+The operators, by ``ProjectionSpec.kind`` (``fastinf.extraction.projection_spec``) and unit kind:
 
 * ``kron`` (default, 16×16): ``φ = P_out ∇W P_inᵀ = Σ_t (P_out g_t)(P_in [x_t, 1])ᵀ`` — two thin GEMMs
   over all tokens and one batched ``k_out×T @ T×k_in`` product; cost O(B·T·(d_out·k_out + d_in·k_in)).
+* ``pca`` / ``pcamix`` / ``kfac``: the same Kronecker operator with matrices built from a factor set
+  (eigenbasis, eigenbasis + random complement, K-FAC whitening; ``fastinf.extraction.factors_proj``).
 * embedding gather: ``x_t`` is one-hot, so ``P_in x_t`` is column ``id_t`` of ``P_V`` — a gather.
 * ``exact``: ``∇W`` itself, flattened row-major (d_out × d_in), then ``∇b`` when the unit has a bias.
   Meant for small units (LoRA, heads) and for tests; cost O(B·T·d_out·d_in).
@@ -25,63 +27,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 
 from fastinf.errors import ConfigError
+from fastinf.extraction.projection_spec import CURVATURE_KINDS, ProjectionSpec
 from fastinf.extraction.units import Unit
 
-_SPEC_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """How unit gradients become features.
-
-    ``kind="kron"``: a ``k_out × k_in`` Kronecker two-sided projection (feature dim ``k_out*k_in``);
-    ``kind="exact"``: the unprojected gradient (feature dim ``unit.exact_dim``). ``seed`` selects the
-    random matrices; stores built with different seeds are not comparable.
-    """
-
-    kind: str = "kron"
-    k_out: int = 16
-    k_in: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("kron", "exact"):
-            raise ConfigError(f"Projection kind must be 'kron' or 'exact', got {self.kind!r}.")
-        if self.kind == "kron" and (int(self.k_out) <= 0 or int(self.k_in) <= 0):
-            raise ConfigError(f"Projection dims must be positive, got {self.k_out}x{self.k_in}; use e.g. 16x16.")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"Projection seed must be a non-negative int, got {self.seed!r}.")
-
-    @classmethod
-    def parse(cls, text: "str | ProjectionSpec", seed: int = 0) -> "ProjectionSpec":
-        """``"16x16"`` / ``"64x32"`` (k_out x k_in) or ``"exact"``; a ProjectionSpec passes through."""
-        if isinstance(text, ProjectionSpec):
-            return text
-        if not isinstance(text, str):
-            raise ConfigError(f"Projection must be a string like '16x16' or 'exact', got {type(text).__name__}.")
-        if text.strip().lower() == "exact":
-            return cls(kind="exact", k_out=0, k_in=0, seed=seed)
-        m = _SPEC_RE.match(text)
-        if not m:
-            raise ConfigError(f"Cannot parse projection {text!r}: expected 'KOUTxKIN' (e.g. '16x16', '64x32') "
-                              "or 'exact'.")
-        return cls(kind="kron", k_out=int(m.group(1)), k_in=int(m.group(2)), seed=seed)
-
-    def __str__(self) -> str:
-        return "exact" if self.kind == "exact" else f"{self.k_out}x{self.k_in}"
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "k_out": self.k_out, "k_in": self.k_in, "seed": self.seed}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ProjectionSpec":
-        return cls(kind=d["kind"], k_out=int(d["k_out"]), k_in=int(d["k_in"]), seed=int(d.get("seed", 0)))
+__all__ = ["ProjectionSpec", "CURVATURE_KINDS", "feature_dim", "projection_matrices", "UnitProjector", "check_fits",
+           "make_projectors"]
 
 
 def feature_dim(unit: Unit, spec: ProjectionSpec) -> int:
@@ -131,13 +85,38 @@ def _cached_matrices(name: str, d_out: int, d_in: int, bias: bool, k_out: int, k
     return p_out.float(), p_in.float()
 
 
+def _random64(unit: Unit, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 ``kron`` matrices of ``unit`` under ``spec``'s seed and dims (uncached)."""
+    shape, bias = (unit.d_out, unit.d_in), unit.bias
+    return (_orthonormal_rows(spec.k_out, unit.d_out, _derived_seed(spec.seed, unit.name, shape, bias, "out")),
+            _orthonormal_rows(spec.k_in, unit.d_in + int(bias), _derived_seed(spec.seed, unit.name, shape, bias, "in")))
+
+
+@functools.lru_cache(maxsize=1024)
+def _curvature64(unit: Unit, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastinf.extraction.factors_proj import curvature_matrices
+
+    return curvature_matrices(unit, spec, lambda: _random64(unit, spec))
+
+
+def _matrices(unit: Unit, spec: ProjectionSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``projection_matrices`` in ``dtype``; curvature kinds are built in float64 (exact float64 references)."""
+    if spec.kind in CURVATURE_KINDS:
+        p_out, p_in = _curvature64(unit, spec)
+        return p_out.to(dtype), p_in.to(dtype)
+    p_out, p_in = projection_matrices(unit, spec)
+    return p_out.to(dtype), p_in.to(dtype)
+
+
 def projection_matrices(unit: Unit, spec: ProjectionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_out [k_out, d_out], P_in [k_in, d_in + bias])``, float32 on CPU, deterministic in
-    (spec.seed, unit.name, unit.shape). For the embedding, ``P_in`` is ``P_V`` (k_in × vocabulary).
-    The returned tensors are shared (cached): do not modify them in place."""
-    if spec.kind != "kron":
-        raise ConfigError(f"projection_matrices needs a 'kron' ProjectionSpec, got {spec.kind!r} "
-                          "(exact mode has no matrices).")
+    (spec.seed, unit.name, unit.shape) — and the factors for pca/pcamix/kfac. For the embedding, ``P_in`` is
+    ``P_V`` (k_in × vocabulary). The returned tensors may be shared (cached): do not modify them in place."""
+    if spec.kind == "exact":
+        raise ConfigError("projection_matrices needs a 'kron' ProjectionSpec (or pca, pcamix, kfac), got "
+                          "'exact' (exact mode has no matrices).")
+    if spec.kind in CURVATURE_KINDS:
+        return _matrices(unit, spec, torch.float32)
     return _cached_matrices(unit.name, unit.d_out, unit.d_in, unit.bias, spec.k_out, spec.k_in, spec.seed)
 
 
@@ -284,13 +263,13 @@ class UnitProjector:
         self.device = torch.device(device)
         self.dtype = dtype
         self.dim = feature_dim(unit, spec)
-        if spec.kind == "kron":
-            p_out, p_in = projection_matrices(unit, spec)
-            self.P_out = p_out.to(self.device, dtype)
+        if spec.kind != "exact":
+            p_out, p_in = _matrices(unit, spec, dtype)
+            self.P_out = p_out.to(self.device)
             if unit.kind == "embedding":  # P_V [k_in, V] as a view of a (V, k_in) matrix: row gathers
-                self.P_in = p_in.T.contiguous().to(self.device, dtype).T
+                self.P_in = p_in.T.contiguous().to(self.device).T
             else:
-                self.P_in = p_in.to(self.device, dtype)
+                self.P_in = p_in.to(self.device)
         else:
             self.P_out = self.P_in = None
 
@@ -335,8 +314,12 @@ def check_fits(units: list[Unit], spec: ProjectionSpec) -> None:
     side only (e.g. 16x16 on a 2-class head) stays allowed: its matrix has orthonormal columns and
     preserves inner products exactly. Called before any matrix is generated or file allocated.
     """
-    if spec.kind != "kron" or not units:
+    if spec.kind == "exact" or not units:
         return
+    if spec.kind in CURVATURE_KINDS:  # every unit must be in the factors, with its shape
+        from fastinf.extraction.factors_proj import check_units_in_factors
+
+        check_units_in_factors(units, spec)
     widest = max(units, key=lambda u: max(u.d_out, u.d_in + int(u.bias)))
     d_max = max(widest.d_out, widest.d_in + int(widest.bias))
     if max(spec.k_out, spec.k_in) > d_max:

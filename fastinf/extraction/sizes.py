@@ -138,3 +138,44 @@ def _analytic_activation_bytes(units: Sequence[Any], T: int) -> int:
     """Analytic activations per sample when no model is given: each unit's input and output, twice."""
     return sum(2 * 4 * T * (u.d_in + u.d_out) for u in units if u.kind != "embedding") + \
         sum(2 * 4 * T * u.d_out for u in units if u.kind == "embedding")
+
+
+def fused_costs(n: int, m: int, ks: Sequence[int], item: int, atoms: int, groups: int, hows: int, *,
+                block_bytes: int = 256 << 20, slab_bytes: int = 1 << 30) -> dict[str, int]:
+    """Memory and disk of the fused score -> aggregate pass (``fastinf.influence``), mirroring its blocks.
+
+    Test blocks of ``fastinf.score`` (``m_b`` rows; evened out when an ``m_b x N`` slab exceeds
+    ``block_bytes``), sets of them whose slabs fit ``slab_bytes`` (one train pass per set and unit).
+    Memory: the slabs of one set, the ranks and argsort of one slab (float64 + int64), the accumulators
+    (one N-vector per atom and how), one decoded train block (store dtype + float32) and the GEMM output.
+    Disk: the result Parquet (~40 bytes per train sample, group and how) and the resume state (the
+    accumulators, one file replaced at each commit)."""
+    k = max(list(ks) or [1])
+    tb = int(max(1, min(m, 8192, block_bytes // (16 * k))))
+    rows = tb if tb * n * 4 <= block_bytes else max(1, block_bytes // (4 * n))
+    rows = tb if rows == tb else -(-m // -(-m // rows))
+    n_blocks = -(-m // rows)
+    sets = int(max(1, min(n_blocks, slab_bytes // max(1, rows * n * 4))))
+    nb = int(max(64, min(1 << 22, block_bytes // (4 * (rows + 2 * k)), (256 << 20) // (4 * rows))))
+    acc = atoms * hows * n * 8
+    memory = sets * rows * n * 4 + rows * n * 16 + acc + min(nb, n) * (k * (item + 4) + rows * 4)
+    result = n * groups * hows * 40
+    return {"test_block": rows, "set_blocks": sets, "train_passes_per_unit": -(-n_blocks // sets),
+            "memory_bytes": int(memory), "result_bytes": int(result), "state_bytes": int(acc),
+            "disk_bytes": int(result + acc)}
+
+
+def fused_atoms(units: Sequence[Any], groups: Sequence[str]) -> int:
+    """Atoms of the fused pass: the distinct group memberships of the units (units in no group: none)."""
+    from fastinf.errors import SelectorError
+    from fastinf.extraction.units import select
+
+    member: dict[str, frozenset[str]] = {}
+    for g in groups:
+        try:
+            picked = select(list(units), g.replace("+", ","))
+        except SelectorError:          # a group none of the planned units is in
+            continue
+        for u in picked:
+            member[u.name] = member.get(u.name, frozenset()) | {g}
+    return len(set(member.values()))

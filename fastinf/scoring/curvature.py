@@ -14,6 +14,9 @@ Given the train features ``G`` [N, k] of one unit, a preconditioner maps test fe
   ``λ = 0.1·Σ‖g_i‖²/(N·k)``. It is linear in v, so for moderate k it is fitted once as the k×k matrix
   ``(I − Gᵀ diag(1/(λ+‖g‖²)) G / N)/λ`` (one pass over the store; never the N×N Gram); for large k
   it is applied by streaming (one pass per query batch).
+- ``ekfac``     — diagonal ``H = diag(Λ) + λI`` with ``Λ_j = Σ_i g_ij²/N``: on the features of a ``pca``
+  (eigenbasis) store this is EK-FAC's eigenvalue-corrected Kronecker Hessian, truncated to the stored
+  eigen-directions (George et al. 2018; Grosse et al. 2023). Damping default rel:0.1 (0.1 × mean Λ).
 - ``lissa``     — the LiSSA recursion ``h ← v + h − (H h)/s`` (``H`` damped, ``s`` ≥ its top eigenvalue),
   ``H⁻¹v = h/s``. A slow reference solver that converges to the exact ``if`` answer.
 
@@ -44,6 +47,7 @@ from fastinf.errors import ConfigError, StoreError
 from fastinf.scoring.damping import DATAINF_DAMPING, DEFAULT_IF_DAMPING, Damping
 from fastinf.scoring.preconditioners import (
     DensePreconditioner,
+    DiagonalPreconditioner,
     IdentityPreconditioner,
     LissaPreconditioner,
     LowRankPreconditioner,
@@ -64,6 +68,7 @@ from fastinf.scoring.sources import (
 
 __all__ = [
     "Damping", "Preconditioner", "IdentityPreconditioner", "DensePreconditioner", "LowRankPreconditioner",
+    "DiagonalPreconditioner",
     "StreamingDataInfPreconditioner", "LissaPreconditioner", "FeatureSource", "ArraySource",
     "StoreSource", "fit_preconditioner", "load_preconditioner", "datainf_reference", "store_fingerprint",
     "nonfinite_error", "as_source", "to_tensor", "METHODS",
@@ -71,7 +76,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("identity", "if", "datainf", "lissa")
+METHODS = ("identity", "if", "datainf", "lissa", "ekfac")
 MAX_DENSE_K = 4096          # above this, k x k float64 matrices (128 MB) are not formed by default
 _FORMAT_VERSION = 1
 
@@ -145,6 +150,19 @@ def _fit_lowrank(source: FeatureSource, damping: Damping, rank: int, *, oversamp
     return LowRankPreconditioner(U.numpy(), np.clip(evals[order].numpy(), 0.0, None), lam, n)
 
 
+def _fit_ekfac(source: FeatureSource, damping: Damping, block_rows: int) -> DiagonalPreconditioner:
+    """``Λ_j = Σ_i g_ij² / N`` in one float64 pass; ``λ`` resolved against the mean of ``Λ``."""
+    n, sq = 0, torch.zeros(source.k, dtype=torch.float64)
+    for g in source.blocks(block_rows):
+        g = to_tensor(g).to(torch.float64)
+        n += len(g)
+        sq += (g * g).sum(0)
+    if n == 0:
+        raise StoreError(f"no (finite) train rows in {source.name}: cannot fit a preconditioner on 0 samples")
+    lam = damping.resolve(float(sq.sum()) / (n * source.k))
+    return DiagonalPreconditioner("ekfac", (sq / n).numpy(), lam, n)
+
+
 def _fit_datainf(source: FeatureSource, damping: Damping, dense: bool, block_rows: int) -> Preconditioner:
     st = _stats(source, False, block_rows)
     lam = damping.resolve(st.mean_eigenvalue(source.k))
@@ -182,9 +200,9 @@ def fit_preconditioner(store: Any, unit_name: str | None = None, method: str = "
 
     Args:
         store: a GradientStore (with ``unit_name``), a :class:`FeatureSource`, or an array ``G`` [N, k].
-        method: ``identity`` | ``if`` | ``datainf`` | ``lissa`` (see the module docstring).
+        method: ``identity`` | ``if`` | ``datainf`` | ``lissa`` | ``ekfac`` (see the module docstring).
         damping: λ, absolute (``1e-3``) or relative (``"rel:0.1"`` = 0.1 × mean eigenvalue of GᵀG/N).
-            Defaults: ``if``/``lissa`` rel:0.1; ``datainf`` its closed form (also rel:0.1).
+            Defaults: ``if``/``lissa``/``ekfac`` rel:0.1; ``datainf`` its closed form (also rel:0.1).
         rank: ``if`` only. ``None`` = exact (k ≤ ``max_dense_k``) ; ``r < k`` = top-r + damping (Woodbury).
         oversample, n_iter, seed: the randomized eigensolver (extra columns, power iterations, RNG seed).
         lissa_*: LiSSA's scale (default: a bound on the top eigenvalue), max depth, tolerance, and
@@ -270,6 +288,8 @@ def _fit(method: str, source: FeatureSource, damp: Damping, rank: int | None, *,
                                           block_rows=block_rows))
     elif method == "datainf":
         p = _fit_datainf(source, damp, dense, block_rows)
+    elif method == "ekfac":
+        p = _fit_ekfac(source, damp, block_rows)
     else:
         p = _fit_lissa(source, damp, scale=lissa_scale, depth=lissa_depth, tol=lissa_tol,
                        batch_rows=lissa_batch_rows, seed=seed, block_rows=block_rows)

@@ -64,7 +64,8 @@ __all__ = ["score", "score_arrays", "METHODS", "TokenRows", "token_rows", "traci
 
 log = logging.getLogger(__name__)
 
-METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", "loss", "repsim", "tracin_we")
+METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "selfinf", "loss", "repsim", "tracin_we", "kfac", "ekfac")
+METHODS = METHODS + ("outlier",)          # Outlier Gradient Analysis (fastinf.scoring.outlier)
 
 
 def score(test_store: Any, train_store: Any, method: str = "graddot", layers: Any = None, *,
@@ -168,7 +169,7 @@ def _make_plan(method: str, setup: _Setup, terms: list[_Term], block_bytes: int,
 
 def _one_row(method: str) -> bool:
     """Whether ``method`` scores one row (no test samples): selfinf and loss."""
-    return method in ("selfinf", "loss")
+    return method in ("selfinf", "loss", "outlier")
 
 
 def _dropped_ids(plan: _Plan) -> dict:
@@ -205,6 +206,10 @@ def _run_method(plan: _Plan, setup: _Setup, writer: ScoreSetWriter, curv: dict, 
         _score_repsim(plan, writer, test.extra("reps"), train.extra("reps"), block_bytes, bar)
     elif method == "tracin_we":
         _score_tracin_we(plan, writer, test, train, topk_tokens, topk_side, block_bytes, bar)
+    elif method == "outlier":
+        from fastinf.scoring.outlier import score_outlier
+
+        score_outlier(plan, writer, curv, bar)
     else:
         _score_pairwise(plan, writer, curv, block_bytes, bar)
 
@@ -225,8 +230,8 @@ def _check_arguments(method: str, *, damping: Any, rank: int | None, curvature: 
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if damping is not None:
         Damping.parse(damping)
-        if method not in ("if", "datainf", "lissa", "selfinf"):
-            raise ConfigError(f"damping= applies to if, datainf, lissa and selfinf; {method!r} uses no curvature")
+        if method not in ("if", "datainf", "lissa", "selfinf", "ekfac"):
+            raise ConfigError(f"damping= applies to if, datainf, lissa, selfinf and ekfac; {method!r} uses no curvature solve (kfac: its damping is part of the projection)")
     if topk_side not in ("test", "train", "both"):
         raise ConfigError(f"topk_side must be 'test', 'train' or 'both'; got {topk_side!r}")
     if topk_tokens is not None and method != "tracin_we":

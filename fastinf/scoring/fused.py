@@ -2,13 +2,23 @@
 
 ``fastinf.influence(test, train, method, how, groups)`` gives what the two-stage path
 ``fastinf.aggregate_all(fastinf.score(test, train, method), how, groups=groups)`` gives, without writing
-(or holding) the M x N x U score tensor. Per unit and per test block of m rows, train blocks stream
-through one GEMM each (the loop of ``fastinf.score`` itself, :func:`~fastinf.scoring.pairwise._score_pairwise`,
-with the same preconditioning, sign and float32 values) into one m x N slab; the slab is ranked once (the
-C++ path of :mod:`fastinf.aggregation._native`) and added to the accumulator of the unit's *atom* (the
-units sharing the same group memberships), so every group and every ``how`` costs one pass. Memory is
-O(m N) plus the accumulators, independent of M and of the number of units; units in no group are not
-scored at all.
+(or holding) the M x N x U score tensor. The test rows are cut into ``fastinf.score``'s test blocks of m
+rows, and runs of consecutive blocks whose m x N slabs fit in ``slab_bytes`` form a *set*; per set and unit
+(a *task*, :mod:`~fastinf.scoring.fused_loop`) the train blocks stream once, each decoded once and
+multiplied (one GEMM per test block, with ``fastinf.score``'s preconditioning, sign, shapes and float32
+values) into the set's slabs; each slab is ranked once (the C++ path of :mod:`fastinf.aggregation._native`)
+and added to the accumulator of the unit's *atom* (the units sharing the same group memberships), so every
+group and every ``how`` costs one pass. Memory is O(set x m x N) plus the accumulators, independent of M
+and of the number of units; units in no group are not scored at all.
+
+Around the pass: per-test top-k proponents / opponents per group from the same slabs
+(:mod:`~fastinf.scoring.fused_topk`), a crash-safe resumable state beside ``out``
+(:mod:`~fastinf.scoring.fused_state`), and tasks split over ``torchrun`` ranks with the float sums
+combined in task order, so that any number of processes gives the one-process bits
+(:mod:`~fastinf.scoring.fused_dist`)::
+
+    torchrun --nproc-per-node 4 -m fastinf score --train T --test Q --method datainf \\
+        --aggregate rank,vote --groups middle,all --out agg.parquet
 
 Equality with the two-stage path: with the same ``block_bytes``, the test blocks are the ones
 ``fastinf.score`` uses whenever that m x N slab fits in ``block_bytes`` (at the defaults, k = 256 and
@@ -35,7 +45,7 @@ import numpy as np
 from fastinf.aggregation.accumulators import _Acc, _finish
 from fastinf.aggregation.aggregate import Aggregation, _atoms, _parse_hows, _test_rows, vote_k
 from fastinf.aggregation.sources import _resolve_groups, _Source
-from fastinf.errors import ConfigError, NonFiniteError
+from fastinf.errors import ConfigError
 from fastinf.scoring.estimators import (
     METHODS,
     _check_arguments,
@@ -45,6 +55,10 @@ from fastinf.scoring.estimators import (
     _open,
     _progress,
 )
+from fastinf.scoring.fused_dist import Dist, combine_round, context, finish_integers, gather_objects
+from fastinf.scoring.fused_loop import Buffers, fit_all, make_tasks, run_task
+from fastinf.scoring.fused_state import load_state, prepare_state, request_key, save_state, state_path
+from fastinf.scoring.fused_topk import TopK, check_topk, merge_rows, write_topk
 from fastinf.scoring.pairwise import _score_pairwise
 from fastinf.scoring.planning import DEFAULT_BLOCK_BYTES, _dtype, _n_steps, _Plan
 from fastinf.scoring.setups import _setup_pairwise
@@ -53,7 +67,8 @@ __all__ = ["influence", "FUSED_METHODS", "FUSED_HOWS"]
 
 FUSED_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa")
 FUSED_HOWS = ("mean", "rank", "vote", "min_rank", "rrf", "zmean")
-_ZMEAN_BYTES = 64 << 20  # float64 temporaries of one zmean accumulation step
+_TWO_STAGE_LOOP = _score_pairwise  # fastinf.score's loop: the fused pass keeps its GEMM shapes
+DEFAULT_SLAB_BYTES = 1 << 30   # the slabs of one test-block set (a train block is read once per set)
 
 
 @dataclasses.dataclass
@@ -65,6 +80,7 @@ class _Run:
     hows: list[str]
     group_idx: dict[str, list[int]]
     unit_names: list[str]
+    used: list[int]              # plan unit index -> index into unit_names
     atom_of_unit: list[int]      # plan unit index -> atom index
     atoms: list[_Acc]
     atom_of_sig: dict
@@ -74,10 +90,24 @@ class _Run:
     backend: str | None
     threads: int | None
     train_ids: np.ndarray
+    test_ids: np.ndarray
     block_bytes: int
     vote_p: float
     correct_only: bool
+    set_blocks: int = 1          # test blocks per task (their slabs share one train stream)
+    topk: Any = None             # the top-k k, or None
     timing: dict = dataclasses.field(default_factory=lambda: {"aggregate_s": 0.0, "slabs": 0})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+    """Where the results go and how the run is committed (all optional)."""
+
+    out: Path | None = None
+    top_k_out: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    commit_s: float = 600.0
 
 
 def influence(test: Any, train: Any, method: str = "graddot", how: str | Sequence[str] = ("rank",),
@@ -85,8 +115,11 @@ def influence(test: Any, train: Any, method: str = "graddot", how: str | Sequenc
               per_unit: bool = False, test_block: int | None = None, damping: Any = None,
               rank: int | None = None, checkpoints: Sequence[tuple[Any, Any, float]] | None = None,
               curvature_options: dict | None = None, drop_nonfinite: bool = False, rrf_k: int = 60,
-              block_bytes: int = DEFAULT_BLOCK_BYTES, precision: str = "float32", threads: int | None = None,
-              backend: str | None = None, progress: bool = False, out: str | Path | None = None) -> Aggregation:
+              block_bytes: int = DEFAULT_BLOCK_BYTES, slab_bytes: int = DEFAULT_SLAB_BYTES,
+              precision: str = "float32", threads: int | None = None, backend: str | None = None,
+              progress: bool = False, out: str | Path | None = None, top_k: int = 100,
+              top_k_out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+              commit_s: float = 600.0, distributed: bool | None = None) -> Aggregation:
     """Influence aggregated over units and tests in one pass, without writing per-unit scores.
 
     Returns the :class:`~fastinf.aggregation.aggregate.Aggregation` that
@@ -103,25 +136,113 @@ def influence(test: Any, train: Any, method: str = "graddot", how: str | Sequenc
         per_unit: also one group per single unit (named after it; the layer plots), listed first.
         test_block: rows m of the m x N slab (default: ``fastinf.score``'s test block when the slab fits
             in ``block_bytes``, else the rows that fit).
+        slab_bytes: memory of the slabs of one test-block set: each train block is read once per set.
         damping, rank, checkpoints, curvature_options, drop_nonfinite, block_bytes, precision: as in
             ``fastinf.score``. ``threads``: C++ rank threads; ``backend``: ``"cpp"`` / ``"numpy"``.
         progress: show a progress bar. out: also write the result as long-format Parquet (the file
             ``fastinf aggregate`` writes), atomically, after the pass.
+        top_k_out, top_k: also write per-test top-k proponents / opponents per group (k <= 1000) as Parquet
+            (:mod:`~fastinf.scoring.fused_topk`).
+        resume, overwrite, commit_s: with ``out``, the state is committed beside it every ``commit_s``
+            seconds (:mod:`~fastinf.scoring.fused_state`); ``resume`` continues an interrupted run,
+            ``overwrite`` discards its state.
+        distributed: under ``torchrun``, split the tasks over the ranks (None: when launched so); the
+            result is the one-process result bit for bit (:mod:`~fastinf.scoring.fused_dist`).
     """
+    outputs = _outputs(out, top_k_out, resume, overwrite, commit_s)
     run = _prepare(test, train, method, how, groups, layers=layers, vote_p=vote_p, correct_only=correct_only,
                    per_unit=per_unit, test_block=test_block, damping=damping, rank=rank,
                    checkpoints=checkpoints, curvature_options=curvature_options, drop=drop_nonfinite,
-                   rrf_k=rrf_k, block_bytes=block_bytes, precision=precision, threads=threads,
-                   backend=backend, out=out)
+                   rrf_k=rrf_k, block_bytes=block_bytes, slab_bytes=slab_bytes, precision=precision,
+                   threads=threads, backend=backend, out=out, top_k=top_k if top_k_out is not None else None,
+                   top_k_out=top_k_out)
+    ctx = context(distributed)
+    if ctx.world > 1 and resume:
+        raise ConfigError("resume: a distributed fused run is not resumable; rerun it (or resume in one process)")
+    if outputs.out is not None and ctx.world == 1:
+        prepare_state(state_path(outputs.out), resume, overwrite)
+    key = _state_key(run, method, layers, damping, rank, curvature_options, drop_nonfinite, precision)
     t0 = time.perf_counter()
-    plan = run.plan
-    with _progress(_n_steps(plan, plan.terms[-1].train, block_bytes), progress, f"influence {method}") as bar:
-        _score_pairwise(plan, _SlabSink(run), run.curv, block_bytes, bar)
+    with _progress(_n_steps(run.plan, run.plan.terms[-1].train, block_bytes), progress and ctx.rank == 0,
+                   f"influence {method}") as bar:
+        topk_rows = _pass(run, ctx, bar, outputs, key)
     result = _result(run, method)
-    result.meta["timing"] = {**run.timing, "wall_s": time.perf_counter() - t0}
-    if out is not None:
-        _write(result, out, run.train_ids, plan)
+    result.meta["timing"] = {**run.timing, "wall_s": time.perf_counter() - t0, "world": ctx.world,
+                             "rank": ctx.rank}
+    if ctx.rank == 0:
+        _write_outputs(result, run, outputs, topk_rows)
+    ctx.barrier()
     return result
+
+
+def _outputs(out: Any, top_k_out: Any, resume: Any, overwrite: Any, commit_s: Any) -> _Outputs:
+    """Check the output arguments (types only; paths are checked in :func:`_prepare`)."""
+    for name, v in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise ConfigError(f"{name}: expected True or False, found {v!r}")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the interrupted run or start over")
+    if resume and out is None:
+        raise ConfigError("resume=True needs out= (the state of an interrupted run is kept beside its output)")
+    if isinstance(commit_s, bool) or not isinstance(commit_s, (int, float)) or not commit_s >= 0:
+        raise ConfigError(f"commit_s: expected seconds >= 0, found {commit_s!r}")
+    return _Outputs(None if out is None else Path(out), None if top_k_out is None else Path(top_k_out),
+                    bool(resume), bool(overwrite), float(commit_s))
+
+
+def _state_key(run: _Run, method: str, layers: Any, damping: Any, rank: Any, curv: Any, drop: bool,
+               precision: str) -> str:
+    """The request key of the resume state (see :func:`~fastinf.scoring.fused_state.request_key`)."""
+    return request_key(run, {"method": method, "layers": layers, "damping": damping, "rank": rank,
+                             "curvature_options": curv, "drop": drop, "precision": precision,
+                             "block_bytes": run.block_bytes, "vote_p": run.vote_p, "rrf_k": run.rrf_k,
+                             "correct_only": run.correct_only, "top_k": run.topk})
+
+
+def _pass(run: _Run, ctx: Dist, bar: Any, outputs: _Outputs, key: str) -> list | None:
+    """Run the tasks in rounds of ``world`` (this rank's task of each round), combining after each round;
+    with an output file (one process), commit the state after finished tasks. Returns the top-k rows."""
+    tasks = make_tasks(run)
+    spath = None if outputs.out is None or ctx.world > 1 else state_path(outputs.out)
+    done, rows = (load_state(spath, key, run) if outputs.resume and spath is not None and spath.exists()
+                  else (0, None))
+    topk = None if run.topk is None else TopK(run, run.topk, _plan_groups(run))
+    if topk is not None and rows is not None:
+        topk.rows = rows
+    if ctx.world > 1 and ctx.rank == 0:
+        fit_all(run)
+    ctx.barrier()
+    bufs, last = Buffers(run), time.monotonic()
+    for j0 in range(done, len(tasks), ctx.world):
+        batch = tasks[j0:j0 + ctx.world]
+        mine = None
+        if ctx.rank < len(batch):
+            if topk is not None:
+                topk.start(batch[ctx.rank])
+            mine = run_task(run, batch[ctx.rank], bufs, bar, topk)
+            if topk is not None:
+                topk.finish()
+        combine_round(run, ctx, batch, mine)
+        if spath is not None and j0 + len(batch) < len(tasks) and time.monotonic() - last >= outputs.commit_s:
+            save_state(spath, key, j0 + len(batch), run, None if topk is None else topk.rows)
+            last = time.monotonic()
+    finish_integers(run, ctx)
+    return None if topk is None else gather_objects(topk.rows, ctx, merge_rows)
+
+
+def _plan_groups(run: _Run) -> dict[str, list[int]]:
+    """The groups as plan unit indices (the units the pass scores)."""
+    pos = {u: i for i, u in enumerate(run.used)}
+    return {g: [pos[u] for u in idx] for g, idx in run.group_idx.items()}
+
+
+def _write_outputs(result: Aggregation, run: _Run, outputs: _Outputs, topk_rows: list | None) -> None:
+    """The aggregate Parquet, the top-k Parquet, then the resume state is no longer needed."""
+    if outputs.top_k_out is not None:
+        write_topk(topk_rows or [], outputs.top_k_out, run.test_ids, run.train_ids, list(run.group_idx))
+    if outputs.out is not None:
+        _write(result, outputs.out, run.train_ids, run.plan)
+        state_path(outputs.out).unlink(missing_ok=True)
 
 
 def _check_fused_options(method: str, hows: list[str], *, test_block: Any, out: Any, rrf_k: int,
@@ -153,20 +274,23 @@ def _check_fused_options(method: str, hows: list[str], *, test_block: Any, out: 
 def _prepare(test: Any, train: Any, method: str, how: Any, groups: Any, *, layers: Any, vote_p: float,
              correct_only: bool, per_unit: bool, test_block: int | None, damping: Any, rank: int | None,
              checkpoints: Any, curvature_options: dict | None, drop: bool, rrf_k: int, block_bytes: int,
-             precision: str, threads: int | None, backend: str | None, out: Any) -> _Run:
+             slab_bytes: int, precision: str, threads: int | None, backend: str | None, out: Any,
+             top_k: int | None, top_k_out: Any = None) -> _Run:
     """Validate everything (options, stores, groups, correctness flags) and lay out the run; no work yet."""
     from fastinf.aggregation._native import resolve_backend
 
     hows = _parse_hows(how)
     _check_fused_options(method, hows, test_block=test_block, out=out, rrf_k=rrf_k, threads=threads)
+    if isinstance(slab_bytes, bool) or not isinstance(slab_bytes, int) or slab_bytes < 1:
+        raise ConfigError(f"slab_bytes: expected a positive number of bytes, found {slab_bytes!r}")
+    check_topk(top_k, top_k_out, out)
     _check_arguments(method, damping=damping, rank=rank, curvature=None, topk_tokens=None, topk_side="test",
                      checkpoints=checkpoints, block_bytes=block_bytes)
     resolve_backend(backend)
     vote_k(vote_p, 1)                                                   # validates vote_p
-    dt = _dtype(precision)
     terms = _make_terms(method, _open(test), _open(train), checkpoints)
     setup = _setup_pairwise(method, terms, layers, drop)
-    plan = _make_plan(method, setup, terms, block_bytes, dt, drop)
+    plan = _make_plan(method, setup, terms, block_bytes, _dtype(precision), drop)
     test_s, train_s = terms[-1].test, terms[-1].train
     layout = _Layout(setup.units, int(plan.keep_test.sum()), int(plan.keep_train.sum()),
                      np.asarray(test_s.meta.correct, bool)[plan.keep_test])
@@ -175,17 +299,18 @@ def _prepare(test: Any, train: Any, method: str, how: Any, groups: Any, *, layer
     rows_ok = _test_rows(src, correct_only)
     member, atom_of_sig = _atoms(group_idx)
     used = sorted(member)
-    hows_set = frozenset(hows)
-    plan = dataclasses.replace(plan, units=[setup.units[i] for i in used],
-                               test_rows=_slab_rows(plan.test_rows, test_block, layout.n_test, layout.n_train,
-                                                    block_bytes))
+    rows = _slab_rows(plan.test_rows, test_block, layout.n_test, layout.n_train, block_bytes)
+    plan = dataclasses.replace(plan, units=[setup.units[i] for i in used], test_rows=rows)
+    per_block = rows * layout.n_train * 4 * (1 + (len(group_idx) if top_k is not None else 0))
     return _Run(plan=plan, curv=_curvature_kwargs(curvature_options, damping, rank), hows=hows,
-                group_idx=group_idx, unit_names=layout.unit_names,
+                group_idx=group_idx, unit_names=layout.unit_names, used=used,
                 atom_of_unit=[atom_of_sig[member[i]] for i in used],
-                atoms=[_Acc(layout.n_train, hows_set) for _ in atom_of_sig], atom_of_sig=atom_of_sig,
+                atoms=[_Acc(layout.n_train, frozenset(hows)) for _ in atom_of_sig], atom_of_sig=atom_of_sig,
                 rows_ok=rows_ok, k=vote_k(vote_p, layout.n_train), rrf_k=rrf_k, backend=backend,
-                threads=threads, train_ids=np.asarray(train_s.meta.ids)[plan.keep_train], block_bytes=block_bytes,
-                vote_p=float(vote_p), correct_only=bool(correct_only))
+                threads=threads, train_ids=np.asarray(train_s.meta.ids)[plan.keep_train],
+                test_ids=np.asarray(test_s.meta.ids)[plan.keep_test], block_bytes=block_bytes,
+                vote_p=float(vote_p), correct_only=bool(correct_only),
+                set_blocks=max(1, slab_bytes // max(1, per_block)), topk=top_k)
 
 
 def _groups(groups: Any, src: _Source, per_unit: bool) -> dict[str, list[int]]:
@@ -226,53 +351,6 @@ class _Layout:
         raise AssertionError("fused influence holds no per-unit scores")  # pragma: no cover
 
 
-class _SlabSink:
-    """Stands in for the ``ScoreSetWriter`` of ``_score_pairwise``: gathers the blocks of one (unit, test
-    block) into an m x N float32 slab and, once all N columns are in, feeds the kept rows to the atom."""
-
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.n = run.atoms[0].n if run.atoms else 0
-        self.slab = np.empty((run.plan.test_rows, self.n), np.float32)
-        self.key: tuple[int, int] | None = None
-        self.rows = self.filled = 0
-
-    def is_done(self, ui: int, r0: int) -> bool:
-        """Nothing is resumed: every (unit, test block) is computed."""
-        return False
-
-    def mark_done(self, ui: int, r0: int) -> None:
-        """A finished (unit, test block) was already fed to its atom in ``write``."""
-
-    def write(self, ui: int, m0: int, n0: int, block: np.ndarray) -> None:
-        """Place ``block`` (rows = the test block's kept rows, columns from output column ``n0``)."""
-        if (ui, m0) != self.key:
-            self.key, self.rows, self.filled = (ui, m0), block.shape[0], 0
-        w = block.shape[1]
-        self.slab[:self.rows, n0:n0 + w] = block
-        self.filled += w
-        if self.filled == self.n:
-            self._flush(ui, m0)
-            self.key = None
-
-    def _flush(self, ui: int, m0: int) -> None:
-        """Rank the finished slab once and add its used rows to the unit's atom."""
-        t0 = time.perf_counter()
-        run = self.run
-        ok = run.rows_ok[m0:m0 + self.rows]
-        if ok.any():
-            block = self.slab[:self.rows] if ok.all() else self.slab[:self.rows][ok]
-            if not np.isfinite(block).all():
-                raise NonFiniteError(f"scores of unit {run.plan.units[ui].name!r} hold NaN/inf (test block at "
-                                     f"row {m0}); the features are finite, so the scores overflowed float32")
-            acc = run.atoms[run.atom_of_unit[ui]]
-            step = len(block) if "zmean" not in acc.hows else max(1, _ZMEAN_BYTES // (24 * self.n))
-            for r in range(0, len(block), step):
-                acc.add(block[r:r + step], run.k, run.rrf_k, run.backend, run.threads)
-        run.timing["aggregate_s"] += time.perf_counter() - t0
-        run.timing["slabs"] += 1
-
-
 def _result(run: _Run, method: str) -> Aggregation:
     """Finish every (group, how) from its atoms, as ``aggregate_all`` does."""
     out: dict[tuple[str, str], np.ndarray] = {}
@@ -290,6 +368,7 @@ def _result(run: _Run, method: str) -> Aggregation:
         correct_only=run.correct_only,
         meta={"hows": run.hows, "rrf_k": run.rrf_k, "n_test": len(run.rows_ok), "n_test_used": n_rows,
               "fused": {"method": method, "test_block": plan.test_rows, "units_scored": len(plan.units),
+                        "set_blocks": run.set_blocks,
                         "precision": str(plan.dtype).replace("torch.", ""), "block_bytes": run.block_bytes}})
 
 

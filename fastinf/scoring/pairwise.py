@@ -23,7 +23,7 @@ from fastinf.scoring.sources import to_tensor
 __all__ = ["score_arrays"]
 
 _CURVATURE = {"graddot": "identity", "gradcos": "identity", "tracin": "identity", "if": "if",
-              "datainf": "datainf", "lissa": "lissa"}
+              "datainf": "datainf", "lissa": "lissa", "kfac": "identity", "ekfac": "ekfac"}
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from fastinf.scoring.sources import (
 )
 
 __all__ = ["Preconditioner", "IdentityPreconditioner", "DensePreconditioner", "LowRankPreconditioner",
-           "StreamingDataInfPreconditioner", "LissaPreconditioner", "load_preconditioner", "RESIDENT_BYTES"]
+           "DiagonalPreconditioner", "StreamingDataInfPreconditioner", "LissaPreconditioner", "load_preconditioner", "RESIDENT_BYTES"]
 
 RESIDENT_BYTES = 64 << 20   # LiSSA keeps G in memory (float64) up to this size instead of re-reading it each step
 
@@ -145,6 +145,24 @@ class LowRankPreconditioner(Preconditioner):
         return {**super()._meta(), "rank": self.rank}
 
 
+class DiagonalPreconditioner(Preconditioner):
+    """``H⁻¹ = diag(1/(Λ + λ))``: EK-FAC in the eigenbasis (``Λ_j = E[φ_j²]`` over the train features of a
+    ``pca`` store). Applied to the test side only, so scores stay one GEMM and FAISS-compatible."""
+
+    def __init__(self, method: str, eigenvalues: np.ndarray, damping: float, n: int) -> None:
+        self.method = method
+        self.eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+        self.k = self.eigenvalues.shape[0]
+        self.damping, self.n = float(damping), int(n)
+        self._w_t = to_tensor(1.0 / (self.eigenvalues + self.damping))
+
+    def _apply64(self, q: torch.Tensor) -> torch.Tensor:
+        return q * self._w_t
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"eigenvalues": self.eigenvalues}
+
+
 class StreamingDataInfPreconditioner(Preconditioner):
     """DataInf for large k: ``Q̃ = Q/λ − (1/(Nλ)) ((Q Gᵀ) ⊙ 1/(λ+‖g‖²)) G``, one pass over G per apply."""
 
@@ -249,6 +267,8 @@ def load_preconditioner(path: str | os.PathLike, source: FeatureSource | None = 
                                    arrays.get("eigenvalues"))
     if cls == "LowRankPreconditioner":
         return LowRankPreconditioner(arrays["U"], arrays["eigenvalues"], meta["damping"], meta["n"])
+    if cls == "DiagonalPreconditioner":
+        return DiagonalPreconditioner(meta["method"], arrays["eigenvalues"], meta["damping"], meta["n"])
     if cls == "IdentityPreconditioner":
         return IdentityPreconditioner(meta["k"], meta["n"])
     if source is None:

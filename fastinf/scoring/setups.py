@@ -93,7 +93,26 @@ def _setup_tracin_we(method: str, terms: list[_Term], layers: Any, drop: bool) -
     return _Setup(units, keep_test, keep_train)
 
 
-_SETUPS = {"selfinf": _setup_selfinf, "loss": _setup_loss, "repsim": _setup_repsim, "tracin_we": _setup_tracin_we}
+# kfac / ekfac score through the pairwise path once the stores carry the matching projection
+_CURVATURE_PROJECTION = {"kfac": ("kfac", "kfacKxK"), "ekfac": ("pca", "pcaKxK")}
+
+
+def _setup_curvature(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    """kfac needs stores extracted with the kfac projection (its inverse is folded into the features:
+    scoring is a plain dot product); ekfac needs eigenbasis (pca) stores (a diagonal EK-FAC solve)."""
+    kind, spell = _CURVATURE_PROJECTION[method]
+    for t in terms:
+        for store in (t.test, t.train):
+            proj = store.manifest["identity"].get("projection", {})
+            if proj.get("kind") != kind:
+                raise StoreMismatchError(
+                    f"method {method!r} needs stores extracted with the {kind} projection (--proj "
+                    f"{spell}@FACTORS after `fastinf factors`); {store.path} has {proj.get('kind')!r}")
+    return _setup_pairwise(method, terms, layers, drop)
+
+
+_SETUPS = {"selfinf": _setup_selfinf, "loss": _setup_loss, "repsim": _setup_repsim, "tracin_we": _setup_tracin_we,
+           "kfac": _setup_curvature, "ekfac": _setup_curvature}
 
 
 def _resolve_units(test: Any, train: Any, layers: Any) -> list:
@@ -189,3 +208,23 @@ def _pseudo_unit(name: str, kind: str, block: int, role: str, d_out: int, d_in: 
     from fastinf.extraction.units import Unit
 
     return Unit(name=name, kind=kind, block=block, role=role, d_out=max(1, d_out), d_in=max(1, d_in), bias=False)
+
+
+def _setup_outlier(method: str, terms: list[_Term], layers: Any, drop: bool) -> _Setup:
+    """``outlier`` (fastinf.scoring.outlier): the units of both stores, finite rows, and a test sample of every
+    train class (one one-class SVM per class is fitted on the test gradients) - all checked before work."""
+    test, train = terms[-1].test, terms[-1].train
+    units = _resolve_units(test, train, layers)
+    names = [u.name for u in units]
+    keep_test, keep_train = _finite_rows(test, names), _finite_rows(train, names)
+    _refuse_nonfinite(test, keep_test, train, keep_train, drop, "features")
+    yq, yg = np.asarray(test.meta.label)[keep_test], np.asarray(train.meta.label)[keep_train]
+    missing = sorted(set(np.unique(yg).tolist()) - set(np.unique(yq).tolist()))
+    if missing:
+        raise StoreError(f"outlier: the test store {test.path} has no sample of class {missing[0]}, which train "
+                         "samples carry; the estimator fits one one-class SVM per class on the test gradients - "
+                         "use a test set holding every class")
+    return _Setup(units, np.ones(1, bool), keep_train)
+
+
+_SETUPS["outlier"] = _setup_outlier

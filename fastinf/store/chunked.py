@@ -2,7 +2,9 @@
 
 Writing is organised in fixed chunks of rows. A chunk's rows are written with ``os.pwrite`` into
 preallocated files, flushed with fsync, and only then recorded in the rank's progress log — so a SIGKILL at
-any point leaves every recorded chunk intact, and ``resume`` recomputes exactly the unrecorded ones. Because
+any point leaves every recorded chunk intact, and ``resume`` recomputes exactly the unrecorded ones. The
+fsync and the record run in a background group commit (commit.py: one fsync per group of chunks, at most
+64 MiB not yet durable), so the writing loop no longer waits for the disk after every chunk. Because
 features are a deterministic function of the rows, a killed-and-resumed extraction gives a byte-identical
 store. Sealing folds the progress logs into the manifest and removes them. Each rank of a
 ``torch.distributed`` run writes its own chunks (``chunk % world == rank``) into the shared files and its
@@ -27,14 +29,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fastinf.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
+from fastinf.errors import StoreError, StoreLockedError, StoreMismatchError
+from fastinf.store.commit import ChunkCommitter
+from fastinf.store.encode import encode_features, encode_meta_and_extras
 from fastinf.store.claim import (
     LOCKS, Created, _check_counts, acquire_lock, check_free_space, clear_store, preallocate, preflight_store,
     read_writer_manifest,
 )
 from fastinf.store.durable import _read_progress, _sha256, atomic_write_json, storage_error
 from fastinf.store.format import (
-    FORMAT_VERSION, MANIFEST, ArraySpec, _npy_header, _unit_to_dict, canonical_dtype, numpy_dtype, to_storage,
+    FORMAT_VERSION, MANIFEST, ArraySpec, _npy_header, _unit_to_dict, canonical_dtype, numpy_dtype,
 )
 from fastinf.store.integrity import array_file_size
 from fastinf.store.lock import WriterLock
@@ -87,6 +91,7 @@ class ChunkedStoreWriter:
         except OSError as e:
             removed = self.abort()
             raise storage_error(e, self.path, "opening the progress log", kept=not removed) from e
+        self._committer = ChunkCommitter(self._progress, lambda: list(self._fds.values()))
 
     def _open_progress(self) -> None:
         """Open this rank's progress log for appending (ending a record torn by a crash)."""
@@ -237,57 +242,20 @@ class ChunkedStoreWriter:
         """Write rows of ``chunk``: features {unit: float32 [b, k]}, meta {field: [b, ...]}, extras."""
         a, b = self.chunk_rows(chunk)
         rows = b - a
-        payload, bad_rows = self._encode_features(chunk, features, rows)
+        payload, bad_rows = encode_features(self.units, self.arrays, self.dtype, chunk, features, rows)
         ids = np.asarray(meta.get("ids", np.arange(a, b)), dtype=np.int64)
-        payload.update(self._encode_meta_and_extras(chunk, meta, extras, ids, rows))
+        payload.update(encode_meta_and_extras(self.arrays, chunk, meta, extras, ids, rows))
         for r, names in sorted(bad_rows.items()):
             self.nonfinite.append({"row": a + r, "id": int(ids[r]), "units": names})
         try:
             sums = self._write_payload(payload, a)
-            self._record_chunk(chunk, a, b, sums)
+            self._record_chunk(chunk, a, b, sums, sum(x.nbytes for x in payload.values()))
         except OSError as e:
             removed = self._owns_nothing_written() and self.abort()
             raise storage_error(e, self.path, f"writing chunk {chunk} (rows {a}:{b})", kept=not removed) from e
 
-    def _encode_features(self, chunk: int, features: Mapping[str, np.ndarray], rows: int
-                         ) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
-        """Each unit's rows in the store dtype, and the units holding NaN/inf per row of the chunk."""
-        payload: dict[str, np.ndarray] = {}
-        bad_rows: dict[int, list[str]] = {}
-        for u in self.units:
-            x = np.asarray(features[u.name], dtype=np.float32)
-            if x.shape != (rows, self.arrays[f"unit:{u.name}"].row_shape[0]):
-                raise ConfigError(f"chunk {chunk}: unit {u.name!r} rows have shape {x.shape}, expected "
-                                  f"({rows}, {self.arrays[f'unit:{u.name}'].row_shape[0]})")
-            finite = np.isfinite(x).all(axis=1)
-            for r in np.flatnonzero(~finite):
-                bad_rows.setdefault(int(r), []).append(u.name)
-            payload[f"unit:{u.name}"] = to_storage(x, self.dtype)
-        return payload, bad_rows
-
-    def _encode_meta_and_extras(self, chunk: int, meta: Mapping[str, np.ndarray],
-                                extras: Mapping[str, np.ndarray] | None, ids: np.ndarray, rows: int
-                                ) -> dict[str, np.ndarray]:
-        """The chunk's meta and extra arrays in their stored dtypes (missing meta fields get defaults)."""
-        payload: dict[str, np.ndarray] = {}
-        defaults = {"ids": ids, "label": np.full(rows, -1), "loss": np.full(rows, np.nan),
-                    "pred": np.full(rows, -1), "correct": np.zeros(rows, bool)}
-        for key, spec in self.arrays.items():
-            kind, _, name = key.partition(":")
-            if kind == "meta":
-                src = meta.get(name, defaults.get(name))
-                if src is None:
-                    raise ConfigError(f"chunk {chunk}: meta field {name!r} is required by this store")
-                payload[key] = np.ascontiguousarray(np.asarray(src).astype(spec.dtype).reshape(rows, *spec.row_shape))
-            elif kind == "extra":
-                if extras is None or name not in extras:
-                    raise ConfigError(f"chunk {chunk}: extra array {name!r} is required by this store")
-                payload[key] = np.ascontiguousarray(np.asarray(extras[name]).astype(spec.dtype)
-                                                    .reshape(rows, *spec.row_shape))
-        return payload
-
     def _write_payload(self, payload: Mapping[str, np.ndarray], a: int) -> dict[str, str]:
-        """pwrite every array's rows at row ``a`` and fsync the files; return each array's sha256."""
+        """pwrite every array's rows at row ``a``; return each array's sha256 (fsync: ``_record_chunk``)."""
         sums = {}
         for key, data in payload.items():
             spec = self.arrays[key]
@@ -298,23 +266,26 @@ class ChunkedStoreWriter:
             while written < len(buf):
                 written += os.pwrite(fd, buf[written:], off + written)
             sums[key] = _sha256(buf)
-        for fd in self._fds.values():
-            os.fsync(fd)
         return sums
 
-    def _record_chunk(self, chunk: int, a: int, b: int, sums: dict[str, str]) -> None:
-        """Append the chunk's record to this rank's progress log and fsync it: the chunk now counts as done."""
+    def _record_chunk(self, chunk: int, a: int, b: int, sums: dict[str, str], nbytes: int) -> None:
+        """Queue the chunk's record in the group commit (commit.py): recorded once its data is fsynced."""
         rec = {"chunk": chunk, "rows": [a, b], "sha256": sums,
                "nonfinite": [d for d in self.nonfinite if a <= d["row"] < b]}
-        self._progress.write(json.dumps(rec, sort_keys=True) + "\n")
-        self._progress.flush()
-        os.fsync(self._progress.fileno())
+        self._committer.submit(rec, nbytes)
+
+    def commit(self) -> None:
+        """Wait until every chunk written so far is durable and recorded (a StoreError if the OS failed)."""
+        try:
+            self._committer.flush()
+        except OSError as e:
+            removed = self._owns_nothing_written() and self.abort()
+            raise storage_error(e, self.path, "committing written chunks", kept=not removed) from e
 
     def _fd(self, rel: str) -> int:
-        fd = self._fds.get(rel)
-        if fd is None:
-            fd = self._fds[rel] = os.open(self.path / rel, os.O_WRONLY)
-        return fd
+        if rel not in self._fds:
+            self._fds[rel] = os.open(self.path / rel, os.O_WRONLY)
+        return self._fds[rel]
 
     def close(self) -> None:
         """Close this rank's files and release its lock (a StoreError if the OS fails to, e.g. disk full)."""
@@ -324,7 +295,8 @@ class ChunkedStoreWriter:
 
     def _close_quietly(self) -> OSError | None:
         """Close everything, always releasing the lock; return the first OS error instead of raising it."""
-        error: OSError | None = None
+        committer = getattr(self, "_committer", None)
+        error = committer.close(quiet=True) if committer is not None else None  # pending records first
         for fd in self._fds.values():
             try:
                 os.close(fd)
@@ -343,6 +315,8 @@ class ChunkedStoreWriter:
     def _owns_nothing_written(self, alone: bool = False) -> bool:
         """Whether this call created the store and no chunk of it is recorded (``alone``: no other rank can
         have written; else only a one-process writer can tell)."""
+        if getattr(self, "_committer", None) is not None:
+            self._committer.close(quiet=True)  # chunks still in the group commit count as written
         return self._created_store and not self.complete and (alone or self.world == 1) and \
             not _read_progress(self.path)
 
@@ -363,14 +337,12 @@ class ChunkedStoreWriter:
         for d in subdirs:
             try:
                 (self.path / d).rmdir()
-            except OSError:
-                pass  # not empty (or gone): kept
+            except OSError:  # not empty (or gone): kept
+                pass
 
     def _seal(self) -> None:
-        """Close this rank's files; on rank 0 (after all ranks are done) fold progress into the manifest.
-
-        Every rank returns after the final barrier; ``StoreWriter.finalize`` then opens the store.
-        """
+        """Commit and close; rank 0, once all ranks are done, folds the progress logs into the manifest."""
+        self.commit()
         self.close()
         self.barrier()
         if self.rank == 0 and not self.complete:
