@@ -8,6 +8,8 @@ fed one test block at a time, and ``_finish`` turns a group's atoms into one [N]
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from fastinf.aggregation import _native
@@ -62,21 +64,32 @@ class _Acc:
                                      n_threads=n_threads)
 
 
-def _finish(how: str, atoms: list[_Acc]) -> np.ndarray:
-    rankers = sum(a.rankers for a in atoms)
+def combine(how: str, parts: list[Any], count: int) -> np.ndarray | None:
+    """Fold accumulator parts (objects with ``sum, zsum, rank2, vote2, min2, rrf``) into one ``how`` result.
+
+    ``count`` is the number of rankers behind the parts (for the means). Shared by the fold over tests
+    (``_finish``) and the per-test fold (``per_test``); returns None for a ``how`` it does not know.
+    """
     if how == "mean":
-        return sum(a.sum for a in atoms) / rankers
+        return sum(p.sum for p in parts) / count
     if how == "zmean":
-        return sum(a.zsum for a in atoms) / rankers
+        return sum(p.zsum for p in parts) / count
     if how == "rank":
-        return sum(a.rank2 for a in atoms).astype(np.float64) / (2.0 * rankers)
+        return sum(p.rank2 for p in parts).astype(np.float64) / (2.0 * count)
     if how == "vote":
-        return -sum(a.vote2 for a in atoms).astype(np.float64) / 2.0
+        return -sum(p.vote2 for p in parts).astype(np.float64) / 2.0
     if how == "min_rank":
-        return np.minimum.reduce([a.min2 for a in atoms]).astype(np.float64) / 2.0
+        return np.minimum.reduce([p.min2 for p in parts]).astype(np.float64) / 2.0
     if how == "rrf":
-        return -sum(a.rrf for a in atoms)
-    raise AssertionError(how)  # pragma: no cover - validated on entry
+        return -sum(p.rrf for p in parts)
+    return None
+
+
+def _finish(how: str, atoms: list[_Acc]) -> np.ndarray:
+    out = combine(how, atoms, sum(a.rankers for a in atoms))
+    if out is None:
+        raise AssertionError(how)  # pragma: no cover - validated on entry
+    return out
 
 
 def _median(src: _Source, idx: list[int], rows_ok: np.ndarray, budget: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fastinf.aggregation import _native
+from fastinf.aggregation.accumulators import combine
 from fastinf.aggregation.aggregate import _atoms, _check_args, _parse_hows, vote_k
 from fastinf.aggregation.per_test_io import PerTestAggregation, PerTestBlock, write_streamed
 from fastinf.aggregation.sources import _resolve_groups, _Source
@@ -111,19 +112,9 @@ _OUTS = (("rank_sum2", "rank2"), ("vote_sum2", "vote2"), ("min_rank2", "min2"), 
 
 def _finish(how: str, slabs: list[_Slab]) -> np.ndarray:
     """One group's [rows, N] result for ``how`` from its atoms' slabs."""
-    units = sum(s.units for s in slabs)
-    if how == "mean":
-        return sum(s.sum for s in slabs) / units
-    if how == "zmean":
-        return sum(s.zsum for s in slabs) / units
-    if how == "rank":
-        return sum(s.rank2 for s in slabs).astype(np.float64) / (2.0 * units)
-    if how == "vote":
-        return -sum(s.vote2 for s in slabs).astype(np.float64) / 2.0
-    if how == "min_rank":
-        return np.minimum.reduce([s.min2 for s in slabs]).astype(np.float64) / 2.0
-    if how == "rrf":
-        return -sum(s.rrf for s in slabs)
+    out = combine(how, slabs, sum(s.units for s in slabs))
+    if out is not None:
+        return out
     if how == "median":
         return np.median(np.stack([b for s in slabs for b in s.kept]).astype(np.float64), axis=0)
     raise AssertionError(how)  # pragma: no cover - validated on entry

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fastinf.cli.score_fused import add_fused_args, fused_requested, run_fused
 
@@ -112,41 +113,25 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     add_stream_args(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    from fastinf import __version__
+def _checkpoints(args: argparse.Namespace) -> list | None:
+    """``--checkpoint TEST TRAIN LR`` triples (tracin), validated; None without them."""
     from fastinf.errors import ConfigError
-    from fastinf.scoring.estimators import score
-    from fastinf.scoring.score_files import write_json
 
-    if getattr(args, "train_data", None):   # score while extracting (fastinf/cli/score_stream.py)
-        from fastinf.cli.score_stream import run_stream
+    if not args.checkpoint:
+        if not args.train:
+            raise ConfigError("--train is required (or --checkpoint for tracin)")
+        return None
+    try:
+        checkpoints = [(t, g, float(lr)) for t, g, lr in args.checkpoint]
+    except ValueError:
+        raise ConfigError(f"--checkpoint takes TEST_DIR TRAIN_DIR LR with a numeric LR; got "
+                          f"{args.checkpoint}") from None
+    if args.train or args.test:
+        raise ConfigError("with --checkpoint, give the stores per checkpoint only (drop --train/--test)")
+    return checkpoints
 
-        return run_stream(args)
-    if fused_requested(args):       # --aggregate: fused score -> aggregate (fastinf/cli/score_fused.py)
-        return run_fused(args)
-    _check_outputs(args)
-    checkpoints = None
-    if args.checkpoint:
-        try:
-            checkpoints = [(t, g, float(lr)) for t, g, lr in args.checkpoint]
-        except ValueError:
-            raise ConfigError(f"--checkpoint takes TEST_DIR TRAIN_DIR LR with a numeric LR; got "
-                              f"{args.checkpoint}") from None
-        if args.train or args.test:
-            raise ConfigError("with --checkpoint, give the stores per checkpoint only (drop --train/--test)")
-    elif not args.train:
-        raise ConfigError("--train is required (or --checkpoint for tracin)")
-    reused = not args.overwrite and _was_complete(args.out)
-    s = score(args.test, args.train, args.method, args.layers, out=args.out, overwrite=args.overwrite,
-              resume=args.resume, exist_ok=True,
-              damping=args.damping, rank=args.rank, curvature=args.curvature, checkpoints=checkpoints,
-              topk_tokens=args.topk_tokens, topk_side=args.topk_side, drop_nonfinite=args.drop_nonfinite,
-              block_bytes=args.block_mb << 20, precision=args.precision, progress=not args.no_progress)
-    config = {"fastinf_version": __version__, "command": "score",
-              **{k: v for k, v in vars(args).items() if k != "func"}}
-    if not reused:   # a rerun that recomputed nothing keeps the provenance of the run that did
-        write_json(Path(args.out) / "score_config.json", config)
-    rows = _write_parquet(s, args) if args.parquet else None
+
+def _print_summary(s: Any, args: argparse.Namespace, reused: bool, rows: int | None) -> None:
     summary = {"reused": reused, "out": str(s.path), "method": s.method, "units": len(s.unit_names), "n_test": s.n_test,
                "n_train": s.n_train, "dropped_train": len(s.params.get("dropped_train_ids", [])),
                "dropped_test": len(s.params.get("dropped_test_ids", [])), "parquet": args.parquet,
@@ -158,4 +143,31 @@ def run(args: argparse.Namespace) -> int:
         verb = "already complete (nothing recomputed):" if reused else "wrote"
         print(f"{verb} {s.method} scores for {summary['units']} unit(s), {s.n_test} test x {s.n_train} train "
               f"to {s.path}" + (f"; {rows} top-k rows to {args.parquet}" if args.parquet else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastinf import __version__
+    from fastinf.scoring.estimators import score
+    from fastinf.scoring.score_files import write_json
+
+    if getattr(args, "train_data", None):   # score while extracting (fastinf/cli/score_stream.py)
+        from fastinf.cli.score_stream import run_stream
+
+        return run_stream(args)
+    if fused_requested(args):       # --aggregate: fused score -> aggregate (fastinf/cli/score_fused.py)
+        return run_fused(args)
+    _check_outputs(args)
+    checkpoints = _checkpoints(args)
+    reused = not args.overwrite and _was_complete(args.out)
+    s = score(args.test, args.train, args.method, args.layers, out=args.out, overwrite=args.overwrite,
+              resume=args.resume, exist_ok=True,
+              damping=args.damping, rank=args.rank, curvature=args.curvature, checkpoints=checkpoints,
+              topk_tokens=args.topk_tokens, topk_side=args.topk_side, drop_nonfinite=args.drop_nonfinite,
+              block_bytes=args.block_mb << 20, precision=args.precision, progress=not args.no_progress)
+    config = {"fastinf_version": __version__, "command": "score",
+              **{k: v for k, v in vars(args).items() if k != "func"}}
+    if not reused:   # a rerun that recomputed nothing keeps the provenance of the run that did
+        write_json(Path(args.out) / "score_config.json", config)
+    rows = _write_parquet(s, args) if args.parquet else None
+    _print_summary(s, args, reused, rows)
     return 0
