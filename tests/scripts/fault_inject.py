@@ -55,7 +55,8 @@ if str(ROOT) not in sys.path:
 
 PY = sys.executable
 #: JSON keys holding wall-clock times or values derived from them (dropped before comparing)
-CLOCK_KEYS = {"seconds", "seconds_extract", "score_s", "created", "timings", "wall_s", "elapsed"}
+CLOCK_KEYS = {"seconds", "seconds_extract", "score_s", "fused_score_s", "created", "timings", "wall_s",
+              "elapsed"}
 #: flags of the replayable command records (``*_config.json``) that the resumed command adds
 RESUME_FLAGS = {"resume", "overwrite"}
 #: run files that depend on measured timings (group costs, the report that shows them)
@@ -108,11 +109,32 @@ def _same_file(name: str, a: Path, b: Path, roots: tuple[Path, Path], run: bool)
         if base.endswith("_config.json"):            # the replayable command line: it differs by --resume
             x, y = ({k: v for k, v in d.items() if k not in RESUME_FLAGS} for d in (x, y))
         return _strip(x) == _strip(y)
-    if run and base == "results.parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(a).equals(pq.read_table(b))
+    if base.endswith(".parquet"):
+        return _same_parquet(a, b, roots)
     return a.read_bytes() == b.read_bytes()
+
+
+def _same_parquet(a: Path, b: Path, roots: tuple[Path, Path]) -> bool:
+    """Same columns and values, and the same schema metadata once each run's output root (which fastinf
+    records as provenance, e.g. the store paths of a fused result) is replaced by ``<OUT>``."""
+    import pyarrow.parquet as pq
+
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    if not ta.equals(tb):
+        return False
+
+    def meta(t: Any, root: Path) -> dict:
+        return {k: _strip_json(v.decode(), root) for k, v in (t.schema.metadata or {}).items()}
+
+    return meta(ta, roots[0]) == meta(tb, roots[1])
+
+
+def _strip_json(text: str, root: Path) -> Any:
+    text = text.replace(json.dumps(str(root))[1:-1], "<OUT>")
+    try:
+        return _strip(json.loads(text))
+    except ValueError:
+        return text
 
 
 def compare(ref: Path, out: Path, *, run: bool = False) -> list[str]:
