@@ -124,3 +124,28 @@ def test_index_rerun_is_a_no_op_and_a_different_request_is_refused(tmp_path, sto
     err = capsys.readouterr().err
     assert "method" in err and "--overwrite" in err and _files(out) == before
     assert main([*args, "--method", "gradcos", "--overwrite"]) == 0
+
+
+def test_a_rerun_after_a_kill_between_finalize_and_the_record_writes_the_record(tmp_path):
+    """Found by tests/scripts/fault_inject.py: a score killed after its score set was complete but before
+    score_config.json was written must get its record on the rerun (the set itself is not recomputed)."""
+    import json
+
+    import numpy as np
+
+    from fastinf.cli import main
+    from fastinf.store import GradientStore
+
+    rng = np.random.default_rng(0)
+    tr = GradientStore.from_arrays(tmp_path / "tr", {"u": rng.standard_normal((20, 4)).astype(np.float32)})
+    te = GradientStore.from_arrays(tmp_path / "te", {"u": rng.standard_normal((3, 4)).astype(np.float32)})
+    out = tmp_path / "s"
+    argv = ["score", "--train", str(tr.path), "--test", str(te.path), "--method", "graddot", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    (out / "score_config.json").unlink()          # as if killed right after finalize
+    before = (out / "units").stat().st_mtime_ns if (out / "units").exists() else None
+    assert main(argv) == 0
+    assert json.loads((out / "score_config.json").read_text())["command"] == "score"
+    if before is not None:
+        assert (out / "units").stat().st_mtime_ns == before

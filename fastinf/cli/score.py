@@ -166,8 +166,11 @@ def run(args: argparse.Namespace) -> int:
               block_bytes=args.block_mb << 20, precision=args.precision, progress=not args.no_progress)
     config = {"fastinf_version": __version__, "command": "score",
               **{k: v for k, v in vars(args).items() if k != "func"}}
-    if not reused:   # a rerun that recomputed nothing keeps the provenance of the run that did
-        write_json(Path(args.out) / "score_config.json", config)
+    record = Path(args.out) / "score_config.json"
+    # a rerun that recomputed nothing keeps the provenance of the run that did - unless that run was killed
+    # between finishing the score set and writing its record
+    if not reused or not record.exists():
+        write_json(record, config)
     rows = _write_parquet(s, args) if args.parquet else None
     _print_summary(s, args, reused, rows)
     return 0
