@@ -236,10 +236,8 @@ class LissaPreconditioner(Preconditioner):
 
 
 def _gather_rows(source: FeatureSource, rows: np.ndarray) -> np.ndarray:
-    if isinstance(source, StoreSource):
-        from fastinf.store import from_storage
-
-        g = from_storage(source.store.features(source.unit_name)[rows], source.store.dtype)
+    if isinstance(source, StoreSource):   # checksummed random access (never a corrupt chunk silently)
+        g = source.store.gather(source.unit_name, rows)
     elif isinstance(source, ArraySource):
         g = np.asarray(source._g[rows], dtype=np.float32)
     else:
