@@ -93,18 +93,6 @@ def _was_complete(out: str) -> bool:
         return False
 
 
-def _write_parquet(s, args: argparse.Namespace) -> int:
-    """Export the top-k rows to ``--parquet`` via a temp file, so a failure leaves no partial file."""
-    import os
-
-    tmp = Path(args.parquet).with_name(f".{Path(args.parquet).name}.{os.getpid()}.tmp")
-    try:
-        rows = s.to_parquet(tmp, k=args.top_k, which=args.which)
-        os.replace(tmp, args.parquet)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return rows
-
 
 def _add_stream_args(p: argparse.ArgumentParser) -> None:
     """Score-while-extracting flags (--train-data, --model, --keep-store, ...): fastinf/cli/score_stream.py."""
@@ -171,6 +159,6 @@ def run(args: argparse.Namespace) -> int:
     # between finishing the score set and writing its record
     if not reused or not record.exists():
         write_json(record, config)
-    rows = _write_parquet(s, args) if args.parquet else None
+    rows = s.to_parquet(args.parquet, k=args.top_k, which=args.which) if args.parquet else None
     _print_summary(s, args, reused, rows)
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def run_stream(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, model_name=args.model)
     write_json(Path(args.out) / "score_config.json", {"fastinf_version": __version__, "command": "score",
                                                       **{k: v for k, v in vars(args).items() if k != "func"}})
-    rows = _parquet(s, args) if args.parquet else None
+    rows = s.to_parquet(args.parquet, k=args.top_k, which=args.which) if args.parquet else None
     summary = {"out": str(s.path), "method": s.method, "units": len(s.unit_names), "n_test": s.n_test,
                "n_train": s.n_train, "train_store": args.keep_store, "parquet": args.parquet, "parquet_rows": rows}
     if args.json:
@@ -103,13 +102,3 @@ def run_stream(args: argparse.Namespace) -> int:
                                                        else "") + (f"; {rows} rows to {args.parquet}" if rows else ""))
     return 0
 
-
-def _parquet(s, args: argparse.Namespace) -> int:
-    """Top-k rows to ``--parquet`` through a temp file (no partial file on failure)."""
-    tmp = Path(args.parquet).with_name(f".{Path(args.parquet).name}.{os.getpid()}.tmp")
-    try:
-        rows = s.to_parquet(tmp, k=args.top_k, which=args.which)
-        os.replace(tmp, args.parquet)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return rows

@@ -36,7 +36,7 @@ import numpy as np
 from fastinf.errors import ConfigError, StoreError
 from fastinf.scoring import score_files as sf
 from fastinf.scoring.score_files import FORMAT_VERSION, MANIFEST
-from fastinf.scoring.score_writer import BlockWriter
+from fastinf.scoring.score_writer import BlockWriter, _rmdir_quiet
 from fastinf.store.ownership import make_output_dir
 
 __all__ = ["ScoreSet", "ScoreSetWriter", "FORMAT_VERSION"]
@@ -267,6 +267,7 @@ class ScoreSet:
         Columns: ``test_id`` (int64), ``train_id`` (int64), ``unit`` (string), ``score`` (float32),
         ``rank`` (int32, 0 = best of its kind). ``which``: ``top`` (largest = most helpful), ``bottom``
         (most detrimental) or ``both``. Streams test blocks, so memory is bounded by ``block_rows × N``.
+        Written to a temp file next to ``path`` and renamed, so a failure never leaves a partial file.
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -283,14 +284,20 @@ class ScoreSet:
         schema = pa.schema([("test_id", pa.int64()), ("train_id", pa.int64()), ("unit", pa.string()),
                             ("score", pa.float32()), ("rank", pa.int32()), ("kind", pa.string())])
         rows = 0
-        with pq.ParquetWriter(str(path), schema) as writer:
-            for name in names:
-                for m0, block in self.iter_test_blocks(name, block_rows):
-                    sides = ["top", "bottom"] if which == "both" else [which]
-                    for side in sides:
-                        tbl = _top_table(block, side, kk, test_ids[m0:m0 + len(block)], train_ids, name, schema)
-                        writer.write_table(tbl)
-                        rows += tbl.num_rows
+        tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+        try:
+            with pq.ParquetWriter(str(tmp), schema) as writer:
+                for name in names:
+                    for m0, block in self.iter_test_blocks(name, block_rows):
+                        sides = ["top", "bottom"] if which == "both" else [which]
+                        for side in sides:
+                            tbl = _top_table(block, side, kk, test_ids[m0:m0 + len(block)], train_ids, name,
+                                             schema)
+                            writer.write_table(tbl)
+                            rows += tbl.num_rows
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return rows
 
     def __repr__(self) -> str:
@@ -340,10 +347,3 @@ class ScoreSetWriter(BlockWriter):
         s = ScoreSet.open(self.path)
         s._verified.update(sums)   # hashed just now, by this process
         return s
-
-
-def _rmdir_quiet(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass

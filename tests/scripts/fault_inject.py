@@ -268,6 +268,20 @@ def progress(out: Path) -> int:
     return n
 
 
+WORK_MARKER = ".fastinf-fault-inject"
+
+
+def _claim_work(work: Path) -> Path:
+    """``--work`` must be new, empty, or a directory this script made (it holds ``WORK_MARKER``): the script
+    removes its own ``<target>/ref`` and ``<target>/trial-N`` directories there and nothing else."""
+    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not (work / WORK_MARKER).is_file())):
+        sys.exit(f"fault_inject: --work {work} exists and was not made by this script; give a new or empty "
+                 "directory")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text("made by tests/scripts/fault_inject.py\n")
+    return work
+
+
 def reference(t: Target, work: Path) -> None:
     """The uninterrupted run; records when its first output appeared, when it ended, and how many
     progress events (:func:`progress`) it showed at most."""
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - {"extract", "score", "dist_score", "index", "run"}
     if unknown or not names or args.kills < 1:
         p.error(f"--targets: unknown {sorted(unknown)}" if unknown else "--kills must be >= 1 and --targets non-empty")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fastinf-faults-"))
+    work = _claim_work(Path(args.work)) if args.work else Path(tempfile.mkdtemp(prefix="fastinf-faults-"))
     try:
         return _main(work, names, args)
     finally:
