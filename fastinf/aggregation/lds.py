@@ -131,27 +131,37 @@ def _bootstrap(per_test: np.ndarray, n_boot: int, level: float, seed: int) -> tu
 
 
 def lds_from_predictions(pred: np.ndarray, margins: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
-                         seed: int = 0) -> LDS:
-    """LDS from predicted outputs ``pred`` [m, M] (or [m, 1]) and actual ``margins`` [m, M]."""
+                         seed: int = 0, test_mask: Any = None) -> LDS:
+    """LDS from predicted outputs ``pred`` [m, M] (or [m, 1]) and actual ``margins`` [m, M]. ``test_mask``
+    (bool [M], e.g. the tests the scored model classifies correctly: ``correct_only``) keeps only those tests:
+    the others get NaN in ``per_test`` and count neither in the mean nor in the interval."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ConfigError(f"n_boot: expected a positive integer, found {n_boot!r}")
     if not 0.0 < level < 1.0:
         raise ConfigError(f"level: expected a confidence level in (0, 1), found {level}")
     per_test = spearman_columns(margins, pred)
+    if test_mask is not None:
+        keep = np.asarray(test_mask)
+        if keep.shape != per_test.shape:
+            raise ConfigError(f"test_mask: expected one flag per test sample ({per_test.size}), found shape "
+                              f"{keep.shape}")
+        per_test = np.where(keep.astype(bool), per_test, np.nan)
     valid = np.isfinite(per_test)
     lo, hi = _bootstrap(per_test, n_boot, level, seed)
     value = float(per_test[valid].mean()) if valid.any() else float("nan")
     return LDS(value, lo, hi, level, n_boot, int(valid.sum()), per_test)
 
 
-def lds_score(tau: Any, subsets: Any, margins: Any, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> LDS:
+def lds_score(tau: Any, subsets: Any, margins: Any, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+              test_mask: Any = None) -> LDS:
     """The LDS of attribution ``tau`` ([M, N] per test, or [N]) against the ground truth; see the module
     docstring (positive tau = helps = raises the margin, so higher LDS is better; 1 = perfect ranking)."""
     s, y = check_truth(subsets, margins)
     _, m_test = _tau_rows(tau, s.shape[1])
     if m_test is not None and m_test != y.shape[1]:
         raise ConfigError(f"tau has {m_test} test rows but margins has {y.shape[1]} test columns")
-    return lds_from_predictions(predicted_outputs(tau, s), y, n_boot=n_boot, level=level, seed=seed)
+    return lds_from_predictions(predicted_outputs(tau, s), y, n_boot=n_boot, level=level, seed=seed,
+                                test_mask=test_mask)
 
 
 def lds_per_unit(scores: Any, subsets: Any, margins: Any, *, units: Sequence[str] | None = None,
@@ -168,7 +178,7 @@ def lds_per_unit(scores: Any, subsets: Any, margins: Any, *, units: Sequence[str
 
 def lds_of_aggregations(scores: Any, subsets: Any, margins: Any, how: str | Sequence[str] = "mean,rank,vote", *,
                         groups: Any = None, vote_p: float = 0.2, units: Sequence[Any] | None = None,
-                        n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                        n_boot: int = 1000, level: float = 0.95, seed: int = 0, test_mask: Any = None,
                         **agg_kw: Any) -> dict[tuple[str, str], LDS]:
     """LDS of every (group, how) per-test aggregation, streamed: each test block of the aggregation is
     turned into predictions and dropped, so no [M, N] matrix is kept (:func:`.per_test.iter_per_test`)."""
@@ -184,4 +194,5 @@ def lds_of_aggregations(scores: Any, subsets: Any, margins: Any, how: str | Sequ
     for blk in iter_per_test(scores, how, vote_p=vote_p, groups=groups, units=units, **agg_kw):
         for key, v in blk.values.items():
             pred.setdefault(key, np.empty((s.shape[0], y.shape[1]), np.float64))[:, blk.m0:blk.m1] = sf @ v.T
-    return {key: lds_from_predictions(p, y, n_boot=n_boot, level=level, seed=seed) for key, p in pred.items()}
+    return {key: lds_from_predictions(p, y, n_boot=n_boot, level=level, seed=seed, test_mask=test_mask)
+            for key, p in pred.items()}

@@ -28,10 +28,11 @@ import yaml
 
 from fastinf.errors import ConfigError
 from fastinf.experiment.config_io import config_hash, from_dict, to_dict
+from fastinf.experiment.retrain_config import RetrainGridConfig
 
 __all__ = [
     "DataConfig", "NoiseConfig", "ModelConfig", "LoraSettings", "TrainConfig", "ExtractConfig",
-    "ScoreConfig", "AggregateConfig", "FilterRetrainConfig", "EvaluateConfig", "LdsConfig", "RunConfig",
+    "ScoreConfig", "AggregateConfig", "FilterRetrainConfig", "RetrainGridConfig", "EvaluateConfig", "LdsConfig", "RunConfig",
     "config_hash", "from_dict", "to_dict", "demo_config",
 ]
 
@@ -242,6 +243,7 @@ class EvaluateConfig:
 
     ndr_at: list[float] = field(default_factory=lambda: [30.0])
     filter_retrain: FilterRetrainConfig = field(default_factory=FilterRetrainConfig)
+    retrain_grid: RetrainGridConfig = field(default_factory=RetrainGridConfig)   # claim 3 (retrain_config.py)
     require_learned: bool = True     # stop before influence when the model did not beat the majority class
     recommend_by: str = "ndr"        # what the layer recommendation optimises: "ndr" (the headline) | "lds"
 
@@ -263,6 +265,7 @@ class LdsConfig:
     workers: int = 1                 # parallel retrain processes
     epochs: int | None = None        # None: the fine-tune's epochs
     n_boot: int = 1000               # bootstrap resamples (over test samples) of the CI
+    correct_only: bool = False       # LDS only over the test samples the scored model classifies correctly
 
     def __post_init__(self) -> None:
         _require(isinstance(self.m, int) and self.m >= 3, f"lds.m must be an integer >= 3; got {self.m!r}")

@@ -42,7 +42,8 @@ def lds_rows(cfg: RunConfig, seed: int, sdir: Path, noisy_train: Any, test: Any,
     tcfg = cfg.train if c.epochs is None else replace(cfg.train, epochs=c.epochs)
     truth = datamodels(cfg.model, tcfg, noisy_train, test, sdir / "datamodels", m=c.m, alpha=c.alpha, seed=c.seed,
                        train_seed=seed, workers=c.workers, n_classes=n_classes, progress=progress, echo=echo)
-    kw = {"n_boot": c.n_boot, "seed": seed}
+    kw = {"n_boot": c.n_boot, "seed": seed,   # correct_only: LDS over the tests the scored model gets right
+          "test_mask": np.asarray(stores["test"].meta.correct, bool) if c.correct_only else None}
     rows = []
     for method in cfg.score.methods:
         res = lds_of_aggregations(ScoreSet.open(sdir / "scores" / method), truth.subsets, truth.margins,
