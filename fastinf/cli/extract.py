@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", default=None)
     p.add_argument("--token-grads", action="store_true", help="also store token ids and embedding-row "
                                                               "gradients (for tracin_we)")
+    p.add_argument("--reps", action="store_true", help="also store every block's masked-mean hidden state "
+                                                       "(for the repsim baseline)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per crash-safe chunk")
     p.add_argument("--resume", action="store_true", help="continue an interrupted extraction in --out")
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     store = extract(model, tok, ds, args.out, layers=args.layers, proj=args.proj, task=args.task,
                     dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                     resume=args.resume, overwrite=args.overwrite, chunk_size=args.chunk_size,
-                    token_grads=args.token_grads, device=device, progress=not args.no_progress,
+                    token_grads=args.token_grads, reps=args.reps, device=device, progress=not args.no_progress,
                     model_name=args.model)
     import torch.distributed as dist
 

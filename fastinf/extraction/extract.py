@@ -79,7 +79,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
             resume: bool = False, overwrite: bool = False, chunk_size: int | None = None,
             token_grads: bool = False, device: str | torch.device | None = None, progress: bool = True,
             rank: int | None = None, world: int | None = None, stats: ExtractStats | None = None,
-            model_name: str | None = None) -> GradientStore:
+            model_name: str | None = None, reps: bool = False) -> GradientStore:
     """Extract per-sample projected gradients of the selected units into a GradientStore at ``out``.
 
     Args:
@@ -94,6 +94,8 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
             when resuming, the batch of the interrupted run, so the result stays byte-identical).
         token_grads: also store token ids and per-position embedding output gradients (extras
             ``tokens`` [N, L] and ``embed_grads`` [N, L, d]) for tracin_we; needs the embedding unit.
+        reps: also store the masked-mean hidden state of the embedding and every block (extra ``reps``
+            [N, B + 1, d], fastinf.extraction.reps) for the RepSim baseline (``score(method='repsim')``).
         resume: continue an interrupted extraction in ``out`` (byte-identical result).
         rank, world: shard for distributed runs (default: from torch.distributed if initialised).
     Returns:
@@ -102,7 +104,7 @@ def extract(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.
     _check_sizes(max_length, batch_size, chunk_size)
     preflight_store(out, resume=resume, overwrite=overwrite)  # a foreign or file --out: refused before any work
     run = _prepare(model, tokenizer, dataset, out, layers=layers, proj=proj, task=task, dtype=dtype,
-                   batch_size=batch_size, max_length=max_length, seed=seed, token_grads=token_grads, device=device)
+                   batch_size=batch_size, max_length=max_length, seed=seed, token_grads=token_grads, device=device, reps=reps)
     identity = _identity(run, model, model_name)
     rank_, world_, barrier = _dist_info(rank, world)
     chunk_size = chunk_size if chunk_size is not None else max(run.batch_size, min(4096, run.batch_size * 16))
@@ -150,6 +152,7 @@ class _Run:
     dims: dict[str, int]
     extras: dict[str, tuple]
     token_grads: bool
+    reps: tuple[int, int] | None = None   # (B + 1, d) when hidden representations are stored
 
 
 def _check_sizes(max_length: int, batch_size: int | None, chunk_size: int | None = None) -> None:
@@ -165,13 +168,14 @@ def _check_sizes(max_length: int, batch_size: int | None, chunk_size: int | None
 
 def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os.PathLike | None, *, layers: Any,
              proj: Any, task: Any, dtype: str, batch_size: int | None, max_length: int, seed: int,
-             token_grads: bool, device: Any) -> _Run:
+             token_grads: bool, device: Any, reps: bool = False) -> _Run:
     """Resolve the arguments of :func:`extract`: dataset and task, device and units, length, batch, projectors.
 
     ``out`` None: no store is written (score-while-extracting): no free-space check, no earlier batch size."""
     from fastinf.extraction.models import make_task
     from fastinf.extraction.plan import auto_batch_size
     from fastinf.extraction.sizes import store_bytes
+    from fastinf.extraction.reps import reps_shape
     from fastinf.extraction.projection import ProjectionSpec, UnitProjector, check_fits, feature_dim
 
     dtype = canonical_dtype(dtype)
@@ -187,6 +191,9 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os
     extras = {}
     if token_grads:
         extras = {"tokens": ((max_length,), "int32"), "embed_grads": ((max_length, emb.d_out), "float32")}
+    reps_dims = reps_shape(model) if reps else None
+    if reps_dims is not None:
+        extras["reps"] = (reps_dims, "float32")
     if out is not None and not (Path(out) / "manifest.json").exists():  # a new store must fit on disk first
         check_free_space(Path(out), store_bytes(len(ds), dims, dtype, n_classes, extras))
     if batch_size is None:  # the batch of an interrupted run (byte-identical resume), else the plan's
@@ -196,7 +203,7 @@ def _prepare(model: torch.nn.Module, tokenizer: Any, dataset: Any, out: str | os
     projectors = {u.name: UnitProjector(u, spec, device=device) for u in units}
     return _Run(ds=ds, n=len(ds), task_obj=task_obj, task_name=task_name, n_classes=n_classes, device=device,
                 units=units, emb=emb, spec=spec, dtype=dtype, max_length=max_length, batch_size=batch_size,
-                projectors=projectors, dims=dims, extras=extras, token_grads=token_grads)
+                projectors=projectors, dims=dims, extras=extras, token_grads=token_grads, reps=reps_dims)
 
 
 def _dataset_for(model: torch.nn.Module, tokenizer: Any, dataset: Any, task_name: str
@@ -303,6 +310,7 @@ def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.n
                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Tokenize and capture one batch of ``rows``: its features, metadata and extras."""
     from fastinf.extraction.capture import features_for_batch
+    from fastinf.extraction.reps import batch_reps
 
     ds, emb = run.ds, run.emb
     t0 = time.perf_counter()
@@ -320,6 +328,8 @@ def _extract_batch(run: _Run, model: torch.nn.Module, tokenizer: Any, rows: np.n
     ext = {}
     if run.token_grads:
         ext["tokens"], ext["embed_grads"] = _token_grad_rows(batch, res.raw[emb.name], run.max_length)
+    if run.reps is not None:
+        ext["reps"] = batch_reps(model, batch, run.reps)
     stats.tokenize_s += t1 - t0
     stats.compute_s += t2 - t1
     return feats, meta, ext
