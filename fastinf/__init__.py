@@ -34,6 +34,8 @@ _API: dict[str, str] = {
     "SequenceClassification": "fastinf.extraction.models",
     "CausalLM": "fastinf.extraction.models",
     "CustomLoss": "fastinf.extraction.models",
+    "CheckpointCapture": "fastinf.extraction.callback",
+    "StoreCallback": "fastinf.extraction.callback",
     # scoring
     "ScoreSet": "fastinf.scoring.scores",
     "score": "fastinf.scoring.estimators",
