@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="selfinf: which H (default if)")
     p.add_argument("--checkpoint", nargs=3, action="append", metavar=("TEST_DIR", "TRAIN_DIR", "LR"),
                    help="tracin: one checkpoint's stores and learning rate (repeat per checkpoint)")
+    p.add_argument("--capture", default=None, metavar="DIR",
+                   help="tracin: a capture directory (fastinf.StoreCallback / CheckpointCapture out): every "
+                        "checkpoint's stores and learning rate")
     p.add_argument("--topk-tokens", type=int, default=None, help="tracin_we: keep the k largest-norm tokens")
     p.add_argument("--topk-side", default="test", choices=["test", "train", "both"])
     p.add_argument("--drop-nonfinite", action="store_true", help="leave out samples with NaN/inf features")
@@ -102,9 +105,14 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def _checkpoints(args: argparse.Namespace) -> list | None:
-    """``--checkpoint TEST TRAIN LR`` triples (tracin), validated; None without them."""
+    """``--checkpoint TEST TRAIN LR`` triples or a ``--capture`` directory (tracin), validated; None without."""
     from fastinf.errors import ConfigError
 
+    if getattr(args, "capture", None):
+        if args.method != "tracin" or args.checkpoint or args.train or args.test:
+            raise ConfigError("--capture DIR gives tracin every checkpoint's stores and lr: use it with --method "
+                              "tracin and without --checkpoint/--train/--test")
+        return args.capture
     if not args.checkpoint:
         if not args.train:
             raise ConfigError("--train is required (or --checkpoint for tracin)")

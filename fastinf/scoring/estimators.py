@@ -71,7 +71,7 @@ METHODS = METHODS + ("outlier",)          # Outlier Gradient Analysis (fastinf.s
 def score(test_store: Any, train_store: Any, method: str = "graddot", layers: Any = None, *,
           out: str | Path | None = None, overwrite: bool = False, damping: Damping | float | str | None = None,
           rank: int | None = None, curvature: str | None = None,
-          checkpoints: Sequence[tuple[Any, Any, float]] | None = None, topk_tokens: int | None = None,
+          checkpoints: Sequence[tuple[Any, Any, float]] | str | Path | None = None, topk_tokens: int | None = None,
           topk_side: str = "test", drop_nonfinite: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
           precision: str = "float32", progress: bool = False, curvature_options: dict | None = None,
           resume: bool = False, exist_ok: bool = False) -> ScoreSet:
@@ -97,6 +97,7 @@ def score(test_store: Any, train_store: Any, method: str = "graddot", layers: An
         rank: ``if`` only: top-r eigenpairs + damping (Woodbury) instead of the exact inverse.
         curvature: ``selfinf`` only: ``if`` (default), ``datainf``, ``lissa`` or ``identity``.
         checkpoints: ``tracin``: ``[(test_store_c, train_store_c, lr_c), ...]``; scores ``Σ_c lr_c Q_c G_cᵀ``.
+            Or the directory a ``fastinf.StoreCallback`` / ``CheckpointCapture`` wrote (its stores and lrs).
             Without it, ``tracin`` is graddot on the given pair (one checkpoint, lr 1).
         topk_tokens, topk_side: ``tracin_we`` top-k variant: keep the ``topk_tokens`` tokens with the
             largest embedding-gradient row norm on the ``test`` (default), ``train`` or ``both`` side(s).
@@ -247,7 +248,11 @@ def _check_arguments(method: str, *, damping: Any, rank: int | None, curvature: 
 
 
 def _make_terms(method: str, test: Any, train: Any, checkpoints: Any) -> list[_Term]:
-    """The (test, train, weight) triples: one, or one per tracin checkpoint."""
+    """The (test, train, weight) triples: one, or one per tracin checkpoint (a list, or a capture directory)."""
+    if method == "tracin" and isinstance(checkpoints, (str, Path)):   # StoreCallback / CheckpointCapture out
+        from fastinf.extraction.capture_dir import capture_checkpoints
+
+        checkpoints = capture_checkpoints(checkpoints)
     if method == "tracin" and checkpoints:
         if test is not None or train is not None:
             raise ConfigError("tracin with checkpoints=[...] takes its stores from the checkpoints; pass "
