@@ -64,8 +64,7 @@ def _dist_info(rank: int | None, world: int | None) -> tuple[int, int, Callable[
 
 def _tokenize(tokenizer: Any, ds: TextDataset, rows: np.ndarray, max_length: int,
               task_name: str) -> dict[str, torch.Tensor]:
-    texts = [ds.texts[i] for i in rows]
-    pairs = [ds.text_pairs[i] for i in rows] if ds.text_pairs is not None else None
+    texts, pairs = ds.text_batch(rows)   # only this batch's strings (an ArrowTextDataset reads just these rows)
     enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if ds.labels is not None and task_name != "causal-lm":
@@ -344,8 +343,7 @@ def _warn_nonfinite(store: GradientStore) -> None:
 
 def _length_sorted_rows(tokenizer: Any, ds: TextDataset, a: int, b: int, max_length: int) -> np.ndarray:
     """Rows a..b-1 ordered by tokenized length (stable), so that batches pad little."""
-    texts = ds.texts[a:b]
-    pairs = ds.text_pairs[a:b] if ds.text_pairs is not None else None
+    texts, pairs = ds.text_range(a, b)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     lengths = np.array([len(x) for x in enc["input_ids"]])
     return a + np.argsort(lengths, kind="stable")
