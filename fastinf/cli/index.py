@@ -20,9 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--weights", default=None, help="unit weights inside groups: 'UNIT=W,UNIT=W' (default 1)")
     b.add_argument("--factory", default="Flat",
                    help="FAISS index_factory string: Flat, IVF4096,Flat, IVF4096,PQ32, ...")
-    b.add_argument("--method", default="graddot", choices=["graddot", "gradcos", "if", "datainf", "lissa"],
-                   help="estimator the inner product reproduces (if/datainf precondition the queries)")
-    b.add_argument("--damping", default=None, help="preconditioner damping for if/datainf/lissa, e.g. 1e-3 or rel:0.1")
+    b.add_argument("--method", default="graddot",
+                   choices=["graddot", "gradcos", "if", "datainf", "lissa", "kfac", "ekfac"],
+                   help="estimator the inner product reproduces (if/datainf/ekfac precondition the queries; "
+                        "kfac needs a kfac store, ekfac a pca store)")
+    b.add_argument("--damping", default=None,
+                   help="preconditioner damping for if/datainf/lissa/ekfac, e.g. 1e-3 or rel:0.1")
+    b.add_argument("--factors", default=None, metavar="DIR",
+                   help="pca/pcamix/kfac stores: the factor set they were extracted with (checked by fingerprint; "
+                        "recorded so that `fastinf search` can extract new texts the same way)")
     b.add_argument("--rank", type=int, default=None, help="low-rank IF preconditioner (Woodbury) of this rank")
     b.add_argument("--backend", default="auto", choices=["auto", "faiss", "exact"],
                    help="faiss (CPU/GPU FAISS), exact (blocked matmul at query time, CUDA when present)")
@@ -83,7 +89,7 @@ def run_build(args: argparse.Namespace) -> int:
                       backend=args.backend, name=args.name, out=args.out, nprobe=args.nprobe,
                       train_size=args.train_size, seed=args.seed, block_size=args.block_size,
                       overwrite=args.overwrite, resume=args.resume, precond_kwargs=precond or None,
-                      exist_ok=True)   # a rerun of the same command returns the finished index as it is
+                      exist_ok=True, factors=args.factors)   # a rerun of the same command returns the finished index as it is
     _print(idx, args.json)
     return 0
 

@@ -23,7 +23,7 @@ import sys
 from fastinf.cli.aggregate import add_aggregation_args, parse_groups
 from fastinf.errors import ConfigError
 
-__all__ = ["add_fused_args", "fused_requested", "run_fused"]
+__all__ = ["add_fused_args", "fused_requested", "run_fused", "check_factors_flag"]
 
 _FUSED_ONLY = {"groups": None, "vote_p": 0.2, "correct_only": False, "threads": None, "top_k_out": None,
                "per_unit": False, "test_block": None, "commit_s": 600.0, "slab_mb": 1024.0}
@@ -31,6 +31,9 @@ _FUSED_ONLY = {"groups": None, "vote_p": 0.2, "correct_only": False, "threads": 
 
 def add_fused_args(p: argparse.ArgumentParser) -> None:
     """The fused-mode arguments of ``fastinf score`` (the aggregation ones shared with ``fastinf aggregate``)."""
+    p.add_argument("--factors", default=None, metavar="DIR",
+                   help="kfac/ekfac (pca/pcamix/kfac stores): the factor set the stores were extracted with; "
+                        "checked by fingerprint (needed with --train-data to project the train rows)")
     g = p.add_argument_group("fused score -> aggregate (no per-unit scores written)")
     g.add_argument("--aggregate", default=None, metavar="HOWS",
                    help="aggregate while scoring: comma-separated mean, rank, vote, min_rank, rrf, zmean; "
@@ -89,12 +92,24 @@ def _checkpoints(args: argparse.Namespace) -> list | None:
         raise ConfigError(f"--checkpoint takes TEST_DIR TRAIN_DIR LR with a numeric LR; got {args.checkpoint}") from None
 
 
+def check_factors_flag(args: argparse.Namespace) -> None:
+    """``--factors DIR``: the stores of the command must come from that factor set (before any work)."""
+    if getattr(args, "factors", None) is None:
+        return
+    from fastinf.extraction.factors_proj import check_store_factors
+    from fastinf.store import GradientStore
+
+    paths = [args.test, args.train] + [p for t, g, _ in (args.checkpoint or []) for p in (t, g)]
+    check_store_factors(args.factors, *(GradientStore.open(p) for p in paths if p))
+
+
 def run_fused(args: argparse.Namespace) -> int:
     """Run :func:`fastinf.influence` for the parsed command and print a summary (rank 0 only)."""
     from fastinf.scoring.fused import influence
 
     _refuse_mixed(args)
     checkpoints = _checkpoints(args)
+    check_factors_flag(args)
     res = influence(args.test, args.train, args.method, args.aggregate, parse_groups(args.groups) or ["all"],
                     layers=args.layers, vote_p=args.vote_p, correct_only=args.correct_only, per_unit=args.per_unit,
                     test_block=args.test_block, damping=args.damping, rank=args.rank, checkpoints=checkpoints,

@@ -6,7 +6,8 @@ The train side is extracted batch by batch and scored against the test store at 
 ``_add_stream_args`` and an early branch of its ``run``; the flags shared with the two-store mode
 (``--test``, ``--method``, ``--layers``, ``--damping``, ``--rank``, ``--precision``, ``--out``,
 ``--overwrite``, ``--resume``, ``--parquet``, ``--top-k``, ``--which``, ``--json``, ``--no-progress``) mean
-the same. if / datainf / lissa take their curvature from ``--precondition-from STORE``.
+the same. if / datainf / lissa / ekfac take their curvature from ``--precondition-from STORE``; a pca / kfac
+test store needs ``--factors DIR`` (the factor set it was extracted with) to project the train rows.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="the model the test store was extracted with (as in extract)")
     g.add_argument("--keep-store", default=None, metavar="DIR", help="also write the train GradientStore here")
     g.add_argument("--precondition-from", default=None, metavar="STORE",
-                   help="if/datainf/lissa: a train store (same model, projection, units) to fit the curvature on")
+                   help="if/datainf/lissa/ekfac: a train store (same model, projection, units) to fit the curvature on")
     g.add_argument("--split", default="train", help="dataset split for hub datasets")
     g.add_argument("--text-column", default=None)
     g.add_argument("--text-pair-column", default=None)
@@ -87,7 +88,8 @@ def run_stream(args: argparse.Namespace) -> int:
         preconditioner_from=args.precondition_from, damping=args.damping, rank=args.rank, task=task,
         dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length, chunk_size=args.chunk_size,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), precision=args.precision,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, model_name=args.model)
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, model_name=args.model,
+        factors=args.factors)
     write_json(Path(args.out) / "score_config.json", {"fastinf_version": __version__, "command": "score",
                                                       **{k: v for k, v in vars(args).items() if k != "func"}})
     rows = s.to_parquet(args.parquet, k=args.top_k, which=args.which) if args.parquet else None

@@ -4,7 +4,9 @@ For each named group, the capture of one batch of ``extract.cost_samples`` train
 restricted to that group's units (forward, backward down to the group's lowest unit, projections) is
 timed, fastest of ``extract.cost_repeats``; its share of the all-units time is the group's extraction
 cost. Bytes per sample come from the stores' feature sizes; scoring time is measured per method and
-apportioned by feature dimension; over seeds the measurements are averaged.
+apportioned by feature dimension (in total, ``score_s``, and per method, ``score_s.<method>``, so kfac / ekfac
+sit next to graddot); the K-FAC factor pass, when the run has one, is ``factor_s`` (split by extraction share);
+over seeds the measurements are averaged.
 """
 from __future__ import annotations
 
@@ -35,11 +37,11 @@ def measure_group_costs(model, tokenizer, ds, named_groups: dict[str, list[str]]
     import torch
 
     from fastinf.extraction.capture import features_for_batch
-    from fastinf.extraction.projection import ProjectionSpec, UnitProjector
+    from fastinf.extraction.projection import UnitProjector
 
     ex = cfg.extract
     rows, batch = _cost_batch(tokenizer, ds, cfg)
-    spec = ProjectionSpec.parse(ex.proj, seed=0)
+    spec = _timing_spec(ex.proj)
     by_name = {u.name: u for u in units}
     projectors = {u.name: UnitProjector(u, spec, device=torch.device("cpu")) for u in units}
 
@@ -58,6 +60,19 @@ def measure_group_costs(model, tokenizer, ds, named_groups: dict[str, list[str]]
                     "extract_s_per_1k": 1000.0 * t / rows.size, "extract_share": t / t_all if t_all > 0 else None,
                     "feature_dim": dim})
     return out
+
+
+def _timing_spec(proj: str) -> Any:
+    """The projection to time: a pca / pcamix / kfac projection costs what the random Kronecker one of the same
+    shape costs (its factor matrices fold into P_out / P_in), so it is timed as that (no factor set needed)."""
+    from fastinf.extraction.projection import ProjectionSpec
+
+    base = proj.split("@")[0]
+    for kind in ("pcamix", "pca", "kfac"):
+        if base.lower().startswith(kind):
+            base = base[len(kind):]
+            break
+    return ProjectionSpec.parse(base, seed=0)
 
 
 def _cost_batch(tokenizer, ds, cfg: RunConfig) -> tuple[np.ndarray, dict[str, Any]]:
@@ -86,12 +101,21 @@ def _fastest(model, sel, projectors, batch: dict[str, Any], repeats: int) -> flo
     return best
 
 
-def apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store) -> None:
-    """Split the measured scoring time of all methods over the groups by feature dimension."""
+def apportion_score_time(costs: list[dict[str, Any]], score_times: dict[str, float], train_store,
+                         factor_s: float | None = None) -> None:
+    """Split the measured scoring time of all methods over the groups by feature dimension (also per method:
+    ``score_s.<method>``); the factor pass of kfac / ekfac / pca projections (``factor_s``, one forward and
+    backward over the train split, like extraction) is split by each group's extraction share."""
     total_dim = sum(train_store.feature_dim(n) for n in train_store.unit_names)
     total_s = sum(score_times.values())
     for c in costs:
-        c["score_s"] = total_s * c["feature_dim"] / total_dim if total_dim else None
+        share = c["feature_dim"] / total_dim if total_dim else None
+        c["score_s"] = total_s * share if share is not None else None
+        for method, t in score_times.items():
+            c[f"score_s.{method}"] = t * share if share is not None else None
+        if factor_s is not None:
+            ex = c.get("extract_share")
+            c["factor_s"] = factor_s * ex if ex is not None else None
 
 
 def mean_costs(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -101,7 +125,9 @@ def mean_costs(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for i, c in enumerate(per_seed[0]):
         d = dict(c)
-        for k in ("extract_s_per_1k", "extract_share", "score_s"):
+        timed = ["extract_s_per_1k", "extract_share", "score_s"]
+        timed += sorted({k for s in per_seed for k in s[i] if k.startswith("score_s.") or k == "factor_s"})
+        for k in timed:
             vals = [s[i][k] for s in per_seed if s[i].get(k) is not None]
             d[k] = float(np.mean(vals)) if vals else None
         out.append(d)

@@ -36,7 +36,8 @@ from fastinf.extraction.factors_format import Factors, UnitFactors
 from fastinf.extraction.projection_spec import CURVATURE_KINDS
 from fastinf.extraction.units import Unit
 
-__all__ = ["CURVATURE_KINDS", "curvature_matrices", "open_factors", "check_units_in_factors", "kfac_damping"]
+__all__ = ["CURVATURE_KINDS", "curvature_matrices", "open_factors", "check_units_in_factors", "kfac_damping",
+           "check_store_factors"]
 
 DEFAULT_KFAC_DAMPING = "rel:0.1"
 
@@ -144,3 +145,21 @@ def curvature_matrices(unit: Unit, spec: Any, random_pair: RandomPair) -> tuple[
     uf = open_factors(spec).unit(unit.name)
     r_out, r_in = random_pair()
     return _out_side(uf, spec, r_out).contiguous(), _in_side(uf, spec, r_in).contiguous()
+
+
+def check_store_factors(factors: Any, *stores: Any) -> None:
+    """Provenance check (CLI ``--factors DIR``): every store must be a pca / pcamix / kfac store extracted with
+    the factor set at ``factors`` (by fingerprint); factors of another model, other data or a refit are refused
+    naming both fingerprints. ``None`` stores are skipped."""
+    f = Factors.open(factors)
+    for store in stores:
+        if store is None:
+            continue
+        proj = store.manifest["identity"].get("projection", {})
+        if proj.get("kind") not in CURVATURE_KINDS:
+            raise ConfigError(f"--factors {f.path}: store {store.path} has the {proj.get('kind')!r} projection, not "
+                              "one built from factors (pca / pcamix / kfac); drop --factors or re-extract it")
+        if proj.get("factors") != f.fingerprint:
+            raise ConfigError(f"store {store.path} was extracted with factors {proj.get('factors')}, but {f.path} "
+                              f"holds {f.fingerprint} (another model, data or refit); pass the factor set the "
+                              "stores were extracted with")

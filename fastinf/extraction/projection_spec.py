@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from fastinf.errors import ConfigError
 
-__all__ = ["ProjectionSpec", "CURVATURE_KINDS"]
+__all__ = ["ProjectionSpec", "CURVATURE_KINDS", "store_spec"]
 
 _SPEC_RE = re.compile(r"^\s*(pca|pcamix|kfac)?\s*(\d+)\s*[xX×]\s*(\d+)\s*(?:@(.+))?$", re.IGNORECASE)
 CURVATURE_KINDS = ("pca", "pcamix", "kfac")   # Kronecker projections built from a factor set
@@ -125,3 +125,20 @@ class ProjectionSpec:
                                   f"{f.model_fingerprint}, this model {model_id.get('fingerprint')}); fit them "
                                   "for this model with `fastinf factors`")
         return self.to_dict()
+
+
+def store_spec(store: object, factors: str | None = None) -> ProjectionSpec:
+    """The ``ProjectionSpec`` a GradientStore was extracted with, to extract more rows the same way (queries,
+    score-while-extracting). A pca / pcamix / kfac store records its factors by fingerprint only, so it needs
+    ``factors`` (the directory): a factor set other than the recorded one is refused naming both."""
+    d = store.manifest["identity"]["projection"]      # type: ignore[attr-defined]
+    kind = d.get("kind")
+    if kind in CURVATURE_KINDS:
+        if factors is None:
+            raise ConfigError(f"store {getattr(store, 'path', '?')} has the {kind} projection: pass the factor "
+                              "directory it was extracted with (factors=DIR, CLI --factors DIR)")
+        return ProjectionSpec.from_dict(d, factors=str(factors))
+    if factors is not None:
+        raise ConfigError(f"factors=DIR applies to pca/pcamix/kfac stores; store {getattr(store, 'path', '?')} "
+                          f"has the {kind} projection: drop --factors")
+    return ProjectionSpec.from_dict(d)

@@ -43,7 +43,7 @@ from fastinf.scoring.score_files import sha256_file
 
 log = logging.getLogger(__name__)
 
-METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
+METHODS = ("graddot", "gradcos", "if", "datainf", "lissa", "kfac", "ekfac")   # kfac: kfac stores; ekfac: pca
 
 __all__ = ["build_index", "METHODS"]
 
@@ -58,7 +58,8 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
                 backend: str = "auto", name: str | None = None, out: str | os.PathLike | None = None,
                 nprobe: int | None = None, train_size: int | None = None, seed: int = 0,
                 block_size: int = 65536, overwrite: bool = False, resume: bool = False,
-                precond_kwargs: Mapping[str, Any] | None = None, exist_ok: bool = False) -> "Index":
+                precond_kwargs: Mapping[str, Any] | None = None, exist_ok: bool = False,
+                factors: str | os.PathLike | None = None) -> "Index":
     """Build an inner-product index over the train ``store``, streaming it in blocks.
 
     Args:
@@ -67,8 +68,10 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         groups: ``"unit"`` (one index per unit), ``"joint"`` (one index over all selected units,
             features concatenated), a list of selectors (one group each) or ``{name: selector}``.
         weights: ``{unit: w}`` multiplying unit features inside groups (score = Σ_u w_u s_u); default 1.
-        method: ``graddot`` | ``gradcos`` | ``if`` | ``datainf`` | ``lissa``: the estimator whose score the
-            inner product reproduces (``gradcos`` normalises rows; the others precondition queries).
+        method: ``graddot`` | ``gradcos`` | ``if`` | ``datainf`` | ``lissa`` | ``kfac`` | ``ekfac``: the estimator
+            whose score the inner product reproduces (``gradcos`` normalises rows; ``kfac`` is a plain inner
+            product of kfac-projected features; the others precondition queries, ``ekfac`` diagonally on a
+            pca store).
         factory: a FAISS ``index_factory`` string (``Flat``, ``IVF4096,Flat``, ``IVF4096,PQ32``, ...).
         backend: ``auto`` (faiss if installed, else exact) | ``faiss`` | ``exact`` (no index file; search
             streams the store with blocked matmul, on CUDA when present).
@@ -85,6 +88,8 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
         precond_kwargs: passed to ``fit_preconditioner`` (``damping``, ``rank``, ...).
         exist_ok: return a finished index of the same request in the directory instead of refusing it
             (a different request is still refused naming the difference; what the CLI does on a rerun).
+        factors: the factor set of a pca / pcamix / kfac store (checked by fingerprint before any work);
+            recorded in the manifest so that searching with new texts projects them the same way.
     Everything is validated (groups, factory, IVF list count) before the directory is touched; a build
     refused for bad input (ConfigError) removes what it wrote, so the corrected command runs as is.
     Returns:
@@ -95,6 +100,10 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
     precond_kwargs = _check_args(store, method=method, backend=backend, block_size=block_size,
                                  train_size=train_size, nprobe=nprobe, overwrite=overwrite, resume=resume,
                                  precond_kwargs=precond_kwargs)
+    if factors is not None:
+        from fastinf.extraction.factors_proj import check_store_factors
+
+        check_store_factors(factors, store)
     backend = _resolve_backend(backend)
     group_specs = _resolve_groups(store, layers, groups, weights)
     if backend == "faiss":
@@ -119,7 +128,8 @@ def build_index(store: Any, *, layers: str | Sequence[str] | None = None, groups
                              nprobe=nprobe, n_lists=n_lists, precond_kwargs=precond_kwargs,
                              fingerprints=request["precond_fingerprints"],
                              build={"train_size": used_train, "seed": seed, "block_size": block_size,
-                                    "nlist": n_lists, "seconds": round(time.perf_counter() - t0, 3)})
+                                    "nlist": n_lists, "seconds": round(time.perf_counter() - t0, 3),
+                                    **({"factors": str(Path(factors).resolve())} if factors is not None else {})})
         write_manifest(directory, manifest)
     except ConfigError:
         if fresh:   # bad input found late (e.g. FAISS training): leave nothing that blocks the corrected command
@@ -135,6 +145,9 @@ def _check_args(store: Any, *, method: str, backend: str, block_size: int, train
     """Refuse an invalid request before touching any directory; returns ``precond_kwargs`` as a dict."""
     if method not in METHODS:
         raise ConfigError(f"retrieval method must be one of {', '.join(METHODS)}; got {method!r}")
+    from fastinf.scoring.curvature import check_method_projection
+
+    check_method_projection(method, store)   # kfac needs a kfac store, ekfac a pca (eigenbasis) store
     if backend not in ("auto", "faiss", "exact"):
         raise ConfigError(f"backend must be auto, faiss or exact; got {backend!r}")
     if store.n == 0:
@@ -151,7 +164,7 @@ def _check_args(store: Any, *, method: str, backend: str, block_size: int, train
                           "place, overwrite discards it and starts over; pass one of them")
     precond_kwargs = dict(precond_kwargs or {})
     if precond_kwargs and method not in _PRECONDITIONED:
-        raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa, not {method}")
+        raise ConfigError(f"precond_kwargs {sorted(precond_kwargs)} only apply to if/datainf/lissa/ekfac, not {method}")
     return precond_kwargs
 
 

@@ -1,6 +1,6 @@
 """Query-side preconditioners of retrieval: which methods use one, and how an index pins the one it used.
 
-``if`` / ``datainf`` / ``lissa`` map a query ``q`` to ``q H⁻¹`` (``fastinf.curvature.fit_preconditioner``).
+``if`` / ``datainf`` / ``lissa`` / ``ekfac`` map a query ``q`` to ``q H⁻¹`` (``fastinf.curvature.fit_preconditioner``).
 An index records a fingerprint of each unit's preconditioner at build time (``_precond_fingerprints``) and
 refuses to search with a different one (``_fit_checked``); the recorded kwargs are stored as strings and
 read back with ``_parse_kwarg``. Every fingerprint is computed through ``_precond_fingerprint`` here, so
@@ -17,7 +17,7 @@ import numpy as np
 from fastinf.errors import StoreMismatchError
 from fastinf.retrieval.index_store import GroupSpec
 
-_PRECONDITIONED = ("if", "datainf", "lissa")
+_PRECONDITIONED = ("if", "datainf", "lissa", "ekfac")   # kfac: folded into the features (a plain inner product)
 
 
 def _precond_fingerprint(pre: Any) -> str:

@@ -21,32 +21,36 @@ from fastinf.retrieval.results import SearchResult
 __all__ = ["search", "extract_queries"]
 
 
-def search(index: Any, queries: Any, k: int = 100, *, store: Any = None, **kwargs: Any) -> SearchResult:
+def search(index: Any, queries: Any, k: int = 100, *, store: Any = None, factors: Any = None,
+           **kwargs: Any) -> SearchResult:
     """Search ``index`` (an :class:`Index` or its directory) with ``queries``.
 
     ``queries``: a test GradientStore or its directory, ``{unit: [M, k]}`` arrays, or a dataset file of new
     texts (``.tsv``/``.csv``/``.jsonl``/``.parquet`` as read by ``fastinf.data``), which is extracted on the
-    fly with the model recorded in the train store's manifest. Other keyword arguments: :meth:`Index.search`.
+    fly with the model recorded in the train store's manifest (``factors``: the factor directory of a pca /
+    pcamix / kfac store, default the one the index was built with). Other keyword arguments: :meth:`Index.search`.
     """
     idx = index if isinstance(index, Index) else open_index(index, store)
     if isinstance(queries, (str, os.PathLike)) and Path(queries).is_file():
         with tempfile.TemporaryDirectory(prefix="fastinf-queries-") as tmp:
-            qstore = extract_queries(idx, queries, Path(tmp) / "queries")
+            qstore = extract_queries(idx, queries, Path(tmp) / "queries", factors=factors)
             return idx.search(qstore, k, **kwargs)
     return idx.search(queries, k, **kwargs)
 
 
 def extract_queries(index: Index, path: str | os.PathLike, out: str | os.PathLike, *,
-                    batch_size: int = 16, device: Any = None) -> Any:
+                    batch_size: int = 16, device: Any = None, factors: Any = None) -> Any:
     """Extract a query store for the texts in ``path`` with the train store's model, units and projection.
 
     The model is loaded from ``identity.model.name`` of the train store's manifest (a hub name or local
     directory recorded at extraction); its fingerprint must equal the train store's, so features are
-    comparable. Returns the opened query GradientStore.
+    comparable. A pca / pcamix / kfac store (kfac / ekfac indexes) needs its factor set: ``factors`` or the
+    directory given to ``build_index(factors=...)``; its fingerprint must be the store's. Returns the opened
+    query GradientStore.
     """
     from fastinf.extraction.extract import extract
     from fastinf.extraction.models import load_model
-    from fastinf.extraction.projection import ProjectionSpec
+    from fastinf.extraction.projection_spec import CURVATURE_KINDS, store_spec
 
     ident = index.store.identity
     model_name = ident.get("model", {}).get("name")
@@ -55,10 +59,12 @@ def extract_queries(index: Index, path: str | os.PathLike, out: str | os.PathLik
                           "extracted on the fly; extract the queries with `fastinf extract` and pass the store")
     task = ident.get("task", "seq-cls")
     proj = ident.get("projection", {})
-    if proj.get("kind") not in ("kron", "exact"):
-        raise ConfigError(f"train store {index.store.path} has projection {proj}; only kron/exact stores can "
-                          "extract new queries")
-    spec = ProjectionSpec(kind=proj["kind"], k_out=proj["k_out"], k_in=proj["k_in"], seed=proj["seed"])
+    if proj.get("kind") not in ("kron", "exact") + CURVATURE_KINDS:
+        raise ConfigError(f"train store {index.store.path} has projection {proj}; only kron/exact/pca/pcamix/kfac "
+                          "stores can extract new queries")
+    if proj.get("kind") in CURVATURE_KINDS and factors is None:
+        factors = index.manifest.build.get("factors")
+    spec = store_spec(index.store, factors)     # pca / kfac: the factor set, checked by fingerprint
     num_labels = None
     logits = index.store.meta.logits
     if task == "seq-cls" and logits is not None:

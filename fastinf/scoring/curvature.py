@@ -71,12 +71,15 @@ __all__ = [
     "DiagonalPreconditioner",
     "StreamingDataInfPreconditioner", "LissaPreconditioner", "FeatureSource", "ArraySource",
     "StoreSource", "fit_preconditioner", "load_preconditioner", "datainf_reference", "store_fingerprint",
-    "nonfinite_error", "as_source", "to_tensor", "METHODS",
+    "nonfinite_error", "as_source", "to_tensor", "METHODS", "STORE_PROJECTION", "check_method_projection",
 ]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("identity", "if", "datainf", "lissa", "ekfac")
+# the store projection each curvature-aware scoring method needs (kfac: the inverse is folded into the
+# features, so scoring is a plain dot product; ekfac: a diagonal solve in the K-FAC eigenbasis)
+STORE_PROJECTION = {"kfac": "kfac", "ekfac": "pca"}
 MAX_DENSE_K = 4096          # above this, k x k float64 matrices (128 MB) are not formed by default
 _FORMAT_VERSION = 1
 
@@ -316,6 +319,24 @@ def _cache_path(source: FeatureSource, params: dict[str, Any]) -> Path | None:
                                     sort_keys=True).encode()).hexdigest()[:16]
     idx = source.store.unit_names.index(source.unit_name)
     return Path(root) / "precond" / f"{idx}-{params['method']}-{key}.npz"
+
+
+def check_method_projection(method: str, *stores: Any) -> None:
+    """Refuse ``kfac`` / ``ekfac`` on a store that was not extracted with the projection it needs (``kfac`` /
+    ``pca``); other methods (and ``None`` stores) pass. Every scoring path calls this before any work."""
+    kind = STORE_PROJECTION.get(method)
+    if kind is None:
+        return
+    for store in stores:
+        if store is None:
+            continue
+        proj = store.manifest["identity"].get("projection", {})
+        if proj.get("kind") != kind:
+            from fastinf.errors import StoreMismatchError
+
+            raise StoreMismatchError(
+                f"method {method!r} needs stores extracted with the {kind} projection (--proj {kind}16x16@FACTORS "
+                f"after `fastinf factors`); {store.path} has {proj.get('kind')!r}: re-extract it with that projection")
 
 
 def datainf_reference(Q: np.ndarray, G: np.ndarray, damping: float | None = None) -> np.ndarray:

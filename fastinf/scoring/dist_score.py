@@ -1,7 +1,8 @@
 """Sharded, resumable scoring: train blocks (column ranges of the M x N score matrices) split across ranks.
 
 ``score_distributed(test, train, method, out=...)`` computes the same per-unit scores as
-``fastinf.score`` for the pairwise estimators (graddot, gradcos, if, datainf, lissa), organised for scale:
+``fastinf.score`` for the pairwise estimators (graddot, gradcos, if, datainf, lissa, kfac, ekfac), organised
+for scale:
 
 * **Sharding.** The kept train columns are cut into fixed blocks of ``block_size`` rows; block ``j`` of
   every unit belongs to rank ``j % world``. The split depends only on ``(N, block_size)``, never on the
@@ -55,8 +56,10 @@ __all__ = ["score_distributed", "train_blocks", "owner_of", "PAIRWISE_METHODS", 
 
 log = logging.getLogger(__name__)
 
-PAIRWISE_METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")
-_CURVATURE = {"graddot": "identity", "gradcos": "identity", "if": "if", "datainf": "datainf", "lissa": "lissa"}
+PAIRWISE_METHODS = ("graddot", "gradcos", "if", "datainf", "lissa", "kfac", "ekfac")
+# kfac: its inverse is folded into kfac-projected features (a plain dot product); ekfac: diagonal, pca stores
+_CURVATURE = {"graddot": "identity", "gradcos": "identity", "if": "if", "datainf": "datainf", "lissa": "lissa",
+              "kfac": "identity", "ekfac": "ekfac"}
 
 
 def train_blocks(n_cols: int, block_size: int) -> list[tuple[int, int]]:
@@ -143,7 +146,8 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
 
     Args:
         test_store, train_store: GradientStores (or paths) from the same model, projection and units.
-        method: graddot | gradcos | if | datainf | lissa (same scores as ``fastinf.score``; float64 GEMM).
+        method: graddot | gradcos | if | datainf | lissa | kfac | ekfac (same scores as ``fastinf.score``;
+            float64 GEMM; kfac needs kfac stores, ekfac pca stores).
         layers: unit selector applied to the test store's units (None: all).
         out: the score-set directory (on a file system every rank can reach).
         block_size: train rows per block (the unit of sharding and of resume); None: the largest safe
@@ -163,6 +167,12 @@ def score_distributed(test_store: Any, train_store: Any, method: str = "graddot"
                           "(score the others with fastinf.score in one process)")
     d = _dist(shard)
     test, train = _open_store(test_store), _open_store(train_store)
+    from fastinf.scoring.curvature import check_method_projection
+
+    check_method_projection(method, test, train)
+    if method == "kfac" and (damping is not None or rank is not None):
+        raise ConfigError("damping/rank do not apply to kfac (no curvature solve: its damping is part of the kfac "
+                          "projection); drop them")
     units = _select_units(test, train, layers)
     keep_test = _keep_mask(test, drop_nonfinite, "test")
     keep_train = _keep_mask(train, drop_nonfinite, "train")

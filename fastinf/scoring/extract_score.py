@@ -14,7 +14,7 @@ exactly as the store would hold it, then scored in ``precision``; so the scores 
 to float32 GEMM rounding (the GEMM shapes differ: one batch of train rows instead of a store block), and to
 float64 rounding with ``precision="float64"``. Tests pin both, on tiny models of each family.
 
-Curvature (``if``, ``datainf``, ``lissa``) needs a pass over the train features before the first score, so
+Curvature (``if``, ``datainf``, ``lissa``, ``ekfac``) needs a pass over the train features before the first score, so
 this function **takes a fitted preconditioner from an earlier pass**: ``preconditioner_from=`` a train
 GradientStore with the same model, projection and units (e.g. a store of the same data, or of a sample of
 it, extracted earlier; the fit is cached under ``<store>/precond/`` as for ``fastinf.score``). It never
@@ -57,7 +57,8 @@ def score_while_extracting(model: torch.nn.Module, tokenizer: Any, train_data: A
                            task: Any = None, dtype: str = "fp16", batch_size: int | None = None,
                            max_length: int | None = None, chunk_size: int | None = None, device: Any = None,
                            precision: str = "float32", resume: bool = False, overwrite: bool = False,
-                           progress: bool = False, stats: Any = None, model_name: str | None = None) -> ScoreSet:
+                           progress: bool = False, stats: Any = None, model_name: str | None = None,
+                           factors: Any = None) -> ScoreSet:
     """Extract the train gradients of ``train_data`` batch by batch and score them against ``test``.
 
     Returns the ScoreSet ``fastinf.score(test, <train store of train_data>, method, layers)`` returns (see
@@ -79,6 +80,9 @@ def score_while_extracting(model: torch.nn.Module, tokenizer: Any, train_data: A
             score set of the same request in ``out`` is returned as it is (nothing recomputed).
         overwrite: replace a score set (and store) fastinf wrote there.
         stats: an ``ExtractStats`` to fill (timings). model_name: the name recorded in a kept store.
+        factors: the factor directory of a pca / pcamix / kfac test store (its fingerprint is checked); the
+            train rows are projected with it. ``kfac`` needs a kfac test store; ``ekfac`` a pca test store and
+            ``preconditioner_from`` a pca train store (its diagonal EK-FAC eigenvalues).
     """
     from fastinf.extraction.extract import ExtractStats
 
@@ -86,7 +90,7 @@ def score_while_extracting(model: torch.nn.Module, tokenizer: Any, train_data: A
                       preconditioner_from=preconditioner_from, damping=damping, rank=rank,
                       curvature_options=curvature_options, task=task, dtype=dtype, batch_size=batch_size,
                       max_length=max_length, chunk_size=chunk_size, device=device, precision=precision,
-                      resume=resume, overwrite=overwrite, model_name=model_name)
+                      resume=resume, overwrite=overwrite, model_name=model_name, factors=factors)
     stats = stats if stats is not None else ExtractStats()
     tmp = out is None
     root = Path(tempfile.mkdtemp(prefix="fastinf-scores-")) if tmp else Path(out)

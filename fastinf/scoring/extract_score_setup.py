@@ -20,8 +20,8 @@ from fastinf.errors import ConfigError, StoreMismatchError
 
 __all__ = ["STREAM_METHODS", "prepare_job"]
 
-STREAM_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa")
-_CURVED = ("if", "datainf", "lissa")
+STREAM_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "kfac", "ekfac")
+_CURVED = ("if", "datainf", "lissa", "ekfac")   # need the train curvature first (kfac: folded into the features)
 _SCORE_BUFFER_BYTES = 256 << 20   # the score columns of one chunk (all units), by default
 
 
@@ -80,10 +80,12 @@ def prepare_job(model: Any, tokenizer: Any, train_data: Any, test: Any, method: 
                 out: Any, keep_store: Any, preconditioner_from: Any, damping: Any, rank: Any,
                 curvature_options: Any, task: Any, dtype: str, batch_size: Any, max_length: Any,
                 chunk_size: Any, device: Any, precision: str, resume: bool, overwrite: bool,
-                model_name: str | None = None) -> _Job:
+                model_name: str | None = None, factors: Any = None) -> _Job:
     """Check everything and lay out the run (see the module docstring); nothing is written."""
     from fastinf.extraction.extract import _check_sizes, _identity, _prepare
+    from fastinf.extraction.projection_spec import store_spec
     from fastinf.extraction.units import select
+    from fastinf.scoring.curvature import check_method_projection
     from fastinf.scoring.estimators import _check_arguments, _curvature_kwargs, _open
     from fastinf.scoring.planning import _dtype
     from fastinf.store.claim import preflight_store
@@ -93,6 +95,8 @@ def prepare_job(model: Any, tokenizer: Any, train_data: Any, test: Any, method: 
                      checkpoints=None, block_bytes=1 << 20)
     torch_dtype = _dtype(precision)
     test = _open(test)
+    check_method_projection(method, test, None if preconditioner_from is None else _open(preconditioner_from))
+    spec = store_spec(test, factors)   # pca / kfac stores: their factor directory, fingerprint checked
     names = [u.name for u in (select(test.units, layers) if layers is not None else test.units)]
     max_length = int(max_length if max_length is not None else test.identity.get("max_length", 128))
     _check_sizes(max_length, batch_size, chunk_size)
@@ -100,9 +104,9 @@ def prepare_job(model: Any, tokenizer: Any, train_data: Any, test: Any, method: 
         preflight_store(keep_store, resume=resume, overwrite=overwrite)
     _check_fingerprint(test, model)   # before the batch-size probe and any capture
     batch_size = batch_size or _previous_batch(out)
-    run = _prepare(model, tokenizer, train_data, keep_store, layers=names, proj=test.projection,
+    run = _prepare(model, tokenizer, train_data, keep_store, layers=names, proj=spec,
                    task=task if task is not None else test.identity.get("task", "seq-cls"), dtype=dtype,
-                   batch_size=batch_size, max_length=max_length, seed=test.projection.seed, token_grads=False,
+                   batch_size=batch_size, max_length=max_length, seed=spec.seed, token_grads=False,
                    device=device)
     identity = _identity(run, model, model_name)
     _check_same_model(test, run, names)
@@ -129,7 +133,8 @@ def _check_options(method: str, out: Any, keep_store: Any, preconditioner_from: 
                           "preconditioner_from=<a train GradientStore of this model> (CLI --precondition-from), "
                           "or extract a train store and use fastinf.score")
     if method not in _CURVED and preconditioner_from is not None:
-        raise ConfigError(f"preconditioner_from applies to if, datainf and lissa; {method!r} uses no curvature")
+        raise ConfigError(f"preconditioner_from applies to if, datainf, lissa and ekfac; {method!r} uses no "
+                          "curvature solve (kfac: it is folded into the kfac-projected features)")
     if overwrite and resume:
         raise ConfigError("overwrite and resume exclude each other; pass one of them")
     if out is not None and Path(out).exists() and not Path(out).is_dir():

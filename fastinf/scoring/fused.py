@@ -29,7 +29,8 @@ differently in the last bit: its result for a row depends on how many rows the G
 
 ``median`` cannot stream over rankers (it needs every ranker of a train sample at once) and is refused,
 as are the methods that are not one GEMM per unit (selfinf, loss, repsim, tracin_we): use the two-stage
-path for those. ``correct_only`` scores every test row (as the two-stage path does) and feeds only the
+path for those. ``kfac`` (a dot product of kfac-projected features) and ``ekfac`` (a diagonal EK-FAC solve on
+eigenbasis (pca) stores) are one GEMM per unit and fuse like the others. ``correct_only`` scores every test row (as the two-stage path does) and feeds only the
 correctly predicted ones, so that the scores keep the two-stage GEMM shapes.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fastinf.aggregation.accumulators import _Acc, _finish
 from fastinf.aggregation.aggregate import Aggregation, _atoms, _parse_hows, _test_rows, vote_k
 from fastinf.aggregation.sources import _resolve_groups, _Source
 from fastinf.errors import ConfigError
+from fastinf.scoring.curvature import check_method_projection
 from fastinf.scoring.estimators import (
     METHODS,
     _check_arguments,
@@ -65,7 +67,7 @@ from fastinf.scoring.setups import _setup_pairwise
 
 __all__ = ["influence", "FUSED_METHODS", "FUSED_HOWS"]
 
-FUSED_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa")
+FUSED_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "kfac", "ekfac")
 FUSED_HOWS = ("mean", "rank", "vote", "min_rank", "rrf", "zmean")
 _TWO_STAGE_LOOP = _score_pairwise  # fastinf.score's loop: the fused pass keeps its GEMM shapes
 DEFAULT_SLAB_BYTES = 1 << 30   # the slabs of one test-block set (a train block is read once per set)
@@ -289,6 +291,7 @@ def _prepare(test: Any, train: Any, method: str, how: Any, groups: Any, *, layer
     resolve_backend(backend)
     vote_k(vote_p, 1)                                                   # validates vote_p
     terms = _make_terms(method, _open(test), _open(train), checkpoints)
+    check_method_projection(method, *(s for t in terms for s in (t.test, t.train)))   # kfac / ekfac stores
     setup = _setup_pairwise(method, terms, layers, drop)
     plan = _make_plan(method, setup, terms, block_bytes, _dtype(precision), drop)
     test_s, train_s = terms[-1].test, terms[-1].train
