@@ -61,6 +61,9 @@ _API: dict[str, str] = {
     "bootstrap_ci": "fastinf.aggregation.evaluate",
     "balanced_ndr": "fastinf.aggregation.balanced",
     "check_learned": "fastinf.experiment.learned",
+    # curation
+    "curate": "fastinf.curation.curate",
+    "CurationResult": "fastinf.curation.curate",
     # retrieval
     "build_index": "fastinf.retrieval.build",
     "search": "fastinf.retrieval.search",

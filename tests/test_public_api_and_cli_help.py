@@ -13,7 +13,7 @@ import fastinf
 from fastinf.cli.app import COMMANDS, build_parser
 
 CLI_COMMANDS = ["layers", "extract", "store", "score", "demo", "aggregate", "ndr", "index", "search", "train",
-                "run", "plan", "factors", "lds"]
+                "run", "plan", "factors", "lds", "curate"]
 
 
 @pytest.mark.parametrize("name", fastinf.__all__)

@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "fastinf.cli.plan",
     "fastinf.cli.lds",
     "fastinf.cli.factors",
+    "fastinf.cli.curate",
 ]
 
 
