@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from fastinf.cli.console import add_common_flags, apply_flags, quiet_libraries
 from fastinf.errors import FastinfError
 
 COMMANDS: list[str] = [
@@ -37,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastinf",
         description="Fast, layer-aware training-data influence estimation for language models.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details; show library warnings and model load reports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
+    add_common_flags(parser)             # --quiet / --no-progress / --verbose on every command (cli/console.py)
     return parser
 
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     old_umask = _private_umask()
     try:
-        return int(args.func(args) or 0)
+        with apply_flags(args), quiet_libraries(verbose=args.verbose):   # library noise kept out of the way
+            return int(args.func(args) or 0)
     except FastinfError as e:
         print(f"fastinf {args.command}: error: {e}", file=sys.stderr)
         return 2

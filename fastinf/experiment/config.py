@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")   # per-unit train x test estimators run by `fastinf run`
+METHODS = METHODS + ("kfac", "ekfac")   # curvature-aware: the run fits K-FAC factors itself (experiment/stages.py)
 BASELINES = ("loss", "random", "label_prior")
 AGGREGATIONS = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -51,6 +52,22 @@ def _require(cond: bool, msg: str) -> None:
 
 def _one_of(value: Any, valid: tuple[str, ...], what: str) -> None:
     _require(value in valid, f"{what} must be one of {', '.join(valid)}; got {value!r}")
+
+
+HELDOUT_PRESETS = ("shared", "paper", "separate")
+HELDOUT_SPLITS = ("select", "influence", "evaluation")
+
+
+def _check_heldout(h: Any) -> None:
+    """``data.heldout``: a preset name or a mapping of the three split names to fractions summing to <= 1."""
+    if isinstance(h, str):
+        _one_of(h, HELDOUT_PRESETS, "data.heldout")
+        return
+    _require(isinstance(h, dict) and sorted(h) == sorted(HELDOUT_SPLITS),
+             f"data.heldout must be one of {', '.join(HELDOUT_PRESETS)} or a mapping with exactly the keys "
+             f"{', '.join(HELDOUT_SPLITS)} (fractions of the held-out pool); got {h!r}")
+    _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in h.values())
+             and sum(h.values()) <= 1 + 1e-9, f"data.heldout fractions must lie in (0, 1) and sum to <= 1; got {h}")
 
 
 @dataclass
@@ -69,6 +86,8 @@ class DataConfig:
     n_test: int | None = None
     split_seed: int = 0              # seeds the subsampling / the train-test split
     test_fraction: float = 0.15      # when ``test`` is None: hold out this fraction of ``train``
+    heldout: Any = "shared"          # the held-out pool's named splits (fastinf.experiment.splits): "shared" |
+                                     # "paper" | "separate" | {select: f, influence: f, evaluation: f}
 
     def __post_init__(self) -> None:
         _require(self.train is not None, "data.train is required (a dataset spec)")
@@ -85,6 +104,7 @@ class DataConfig:
             v = getattr(self, name)
             _require(v is None or (isinstance(v, int) and v > 0), f"data.{name} must be a positive integer or null; got {v!r}")
         _require(0.0 < self.test_fraction < 1.0, f"data.test_fraction must lie in (0, 1); got {self.test_fraction}")
+        _check_heldout(self.heldout)
 
 
 @dataclass
@@ -137,11 +157,13 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    """AdamW with linear warmup then cosine decay; one checkpoint per epoch."""
+    """AdamW with linear warmup then cosine decay; one checkpoint per epoch. ``lr: auto`` runs a short sweep
+    over ``lr_sweep`` first (:func:`fastinf.experiment.train.choose_lr`); ``patience`` stops early; ``lora:
+    null`` is full fine-tuning, ``lora.r`` / ``lora.target_modules`` pick the adapters."""
 
     epochs: int = 3
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float | str = 5e-4           # or "auto": pick from lr_sweep by checkpoint-selection accuracy
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     schedule: str = "cosine"         # "cosine" | "linear" | "constant"
@@ -149,12 +171,27 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     select: str = "best"             # which checkpoint is scored: "best" (lowest held-out loss) | "last"
     group_by_length: bool = False    # batch samples of similar length (less padding; still seeded)
+    lr_sweep: list[float] = field(default_factory=lambda: [2e-4, 1e-3, 5e-3])   # the candidates of lr: auto
+    lr_sweep_epochs: int = 1         # the short budget of each lr: auto candidate (then the full recipe runs)
+    patience: int | None = None      # early stopping: stop after this many epochs without a lower held-out loss
 
     def __post_init__(self) -> None:
         _require(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be an integer >= 1; got {self.epochs!r}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1,
                  f"train.batch_size must be an integer >= 1; got {self.batch_size!r}")
-        _require(self.lr > 0, f"train.lr must be > 0; got {self.lr}")
+        if isinstance(self.lr, str) and self.lr != "auto":
+            try:
+                self.lr = float(self.lr)     # YAML 1.1 reads "5e-4" as a string
+            except ValueError:
+                raise ConfigError(f"train.lr must be a number > 0 or 'auto'; got {self.lr!r}") from None
+        _require(self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                       and self.lr > 0), f"train.lr must be > 0 or 'auto'; got {self.lr!r}")
+        _require(bool(self.lr_sweep) and all(isinstance(v, (int, float)) and v > 0 for v in self.lr_sweep),
+                 f"train.lr_sweep must be a non-empty list of learning rates > 0; got {self.lr_sweep!r}")
+        _require(isinstance(self.lr_sweep_epochs, int) and self.lr_sweep_epochs >= 1,
+                 f"train.lr_sweep_epochs must be an integer >= 1; got {self.lr_sweep_epochs!r}")
+        _require(self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
+                 f"train.patience must be a positive integer or null; got {self.patience!r}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0; got {self.weight_decay}")
         _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio must lie in [0, 1); got {self.warmup_ratio}")
         _one_of(self.schedule, ("cosine", "linear", "constant"), "train.schedule")
@@ -171,6 +208,7 @@ class ExtractConfig:
     dtype: str = "float16"
     cost_samples: int = 32           # samples per timed per-group extraction (the report's cost table)
     cost_repeats: int = 3            # timed repetitions per group (fastest kept); 0 skips cost measurement
+    factor_samples: int | None = None   # pca/pcamix/kfac proj, kfac/ekfac: train rows of the factor pass (None: all)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.cost_samples, int) and self.cost_samples >= 1,
@@ -181,6 +219,9 @@ class ExtractConfig:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1,
                  f"extract.batch_size must be an integer >= 1; got {self.batch_size!r}")
         _one_of(self.dtype, DTYPES, "extract.dtype")
+        from fastinf.experiment.curvature_stage import check_run_projection
+
+        check_run_projection(self.proj, self.factor_samples)   # 16x16 | exact | pca16x16 | pcamix16x16 | kfac16x16
 
 
 @dataclass
@@ -300,6 +341,9 @@ class RunConfig:
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct; got {self.seeds}")
         _require(self.evaluate.recommend_by != "lds" or self.lds is not None,
                  "evaluate.recommend_by: lds needs an lds: section (the datamodel retrains that measure it)")
+        from fastinf.experiment.curvature_stage import check_run_methods
+
+        check_run_methods(self.extract.proj, self.score.methods)   # kfac / ekfac need a Kronecker projection
 
     def validate(self) -> "RunConfig":
         """Re-run every section's checks (after programmatic edits); returns ``self``."""

@@ -25,7 +25,7 @@ import numpy as np
 from fastinf.errors import ConfigError, FastinfError
 
 __all__ = ["LearnedVerdict", "NotLearnedError", "check_learned", "binomial_sf", "permutation_p",
-           "require_learned"]
+           "require_learned", "require_learned_result"]
 
 TRY = ("more epochs (train.epochs), another learning rate (train.lr, e.g. 3x up and down), full fine-tuning "
        "(train.lora: null) or a larger LoRA rank / more target modules (train.lora), longer inputs "
@@ -123,18 +123,31 @@ def check_learned(labels: Any, *, accuracy: float | None = None, predictions: An
                                                                                   p_perm))
 
 
-def require_learned(cfg: Any, seed: int, accuracy: float, labels: Any,
-                    echo: Callable[[str], None]) -> dict[str, Any]:
+def require_learned(cfg: Any, seed: int, accuracy: float | None, labels: Any,
+                    echo: Callable[[str], None], predictions: Any = None) -> dict[str, Any]:
     """``fastinf run``'s hook after fine-tuning: print the verdict; stop on ``not_learned`` unless overridden.
 
-    Returns the verdict as a dict (recorded in the run's train info)."""
+    With ``predictions`` (e.g. ``TrainResult.evaluation["predictions"]`` on the evaluation split) the
+    label-permutation test runs next to the binomial one and ``accuracy`` may be None. Returns the verdict
+    as a dict (recorded in the run's train info)."""
     required = getattr(cfg.evaluate, "require_learned", True)
     if not isinstance(required, bool):
         raise ConfigError(f"evaluate.require_learned must be true or false; got {required!r}")
-    v = check_learned(labels, accuracy=accuracy, seed=seed)
+    v = check_learned(labels, accuracy=None if predictions is not None else accuracy, predictions=predictions,
+                      seed=seed)
     if v.verdict == "not_learned" and required:
         raise NotLearnedError(f"seed {seed}: {v.message}")
     prefix = "WARNING: " if v.verdict != "learned" else ""
     echo(f"seed {seed}: {prefix}{v.message}" + (" (evaluate.require_learned: false - going on)"
                                                  if v.verdict == "not_learned" else ""))
     return v.to_dict()
+
+
+def require_learned_result(cfg: Any, seed: int, result: Any, selection_labels: Any,
+                           echo: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`require_learned` for a :class:`~fastinf.experiment.train.TrainResult`: on its evaluation split
+    (predictions: binomial + permutation tests) when it has one, else on the selection split's accuracy."""
+    ev = getattr(result, "evaluation", None)
+    if ev:
+        return require_learned(cfg, seed, None, ev["labels"], echo, predictions=ev["predictions"])
+    return require_learned(cfg, seed, result.best.heldout_acc, selection_labels, echo)

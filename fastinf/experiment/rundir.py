@@ -36,7 +36,8 @@ _RUN_FILES = {RUN_MARKER, "config.yaml", "config_hash.txt", "report.md", "report
               "results.parquet", "report.done.json", "locks", "train"}
 _SEED_FILES = {"noise.npz", "noise.json", "train", "stores", "scores", "retrain", "costs.json", "metrics.json", "datamodels", "lds.json",
                "retrain.json", "locks"}
-_TRAIN_FILES = {TRAIN_MARKER, "train.json", "lr_log.json", "config.yaml", "noise.npz", "noise.json", "locks"}
+_TRAIN_FILES = {TRAIN_MARKER, "train.json", "lr_log.json", "lr_sweep.json", "config.yaml", "noise.npz", "noise.json",
+                "locks"}
 
 
 def _is_run_entry(name: str) -> bool:

@@ -4,7 +4,12 @@ What it does (the paper's protocol): optionally wrap the model in peft LoRA adap
 r=4, alpha=4 on ``query``/``value``, plus a fully trained classification head), train with AdamW and
 a linear-warmup + cosine schedule, write one checkpoint per epoch together with the learning rate it
 ran at (TracIn sums ``eta_c * grad_c . grad_c'`` over checkpoints), and select as *the* scored model
-the checkpoint with the lowest loss on the held-out influence set.
+the checkpoint with the lowest loss on the held-out checkpoint-selection split (``heldout``; which split
+that is: :mod:`fastinf.experiment.splits`). Options: ``lr: auto`` (a short seeded sweep over
+``train.lr_sweep`` first, :mod:`fastinf.experiment.lr_auto`), early stopping (``train.patience``: stop after
+that many epochs without a lower held-out loss; the best epoch's weights are restored and scored), full
+fine-tuning (``lora: null``) or LoRA of any rank / target modules, and an ``evaluation`` split measured once
+on the restored best weights (``TrainResult.evaluation``: loss, accuracy, predictions, labels).
 
 Checkpoints (``fastinf.extraction.checkpoint``) store only the trainable tensors (LoRA adapters + head,
 or everything for full fine-tuning) plus the recipe to rebuild the frozen rest, so a 22M-parameter
@@ -21,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -80,6 +85,9 @@ class TrainResult:
     seconds: float
     out: str
     history: list[dict[str, float]] = field(default_factory=list)
+    lr: float | None = None                      # the peak lr trained with (the choice of ``lr: auto``)
+    stopped_epoch: int | None = None             # the epoch early stopping ended at (None: ran them all)
+    evaluation: dict[str, Any] | None = None     # the best checkpoint on the evaluation split
 
     @property
     def best(self) -> Checkpoint:
@@ -135,20 +143,23 @@ def _labels_of(data: TextSamples) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, tokenizer: Any, data: TextSamples, *, max_length: int,
-                   batch_size: int = 64) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``data`` (eval mode, no dropout)."""
+                   batch_size: int = 64, return_predictions: bool = False) -> tuple:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``data`` (eval mode, no dropout); with
+    ``return_predictions`` also the predicted classes (a list of ints)."""
     was_training = model.training
     model.eval()
     rows, y = _encode(tokenizer, data, max_length), _labels_of(data)
-    total, correct = 0.0, 0
+    total, correct, preds = 0.0, 0, []
     for s in range(0, len(rows), batch_size):
         batch = _collate(tokenizer, rows[s:s + batch_size], y[s:s + batch_size])
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
+        preds += logits.argmax(-1).tolist()
     model.train(was_training)
-    return total / max(len(rows), 1), correct / max(len(rows), 1)
+    n = max(len(rows), 1)
+    return (total / n, correct / n, preds) if return_predictions else (total / n, correct / n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,17 +202,19 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator,
 
 def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldout: TextSamples | None,
              out: str | Path, *, seed: int = 0, n_classes: int | None = None,
-             progress: bool = False) -> TrainResult:
+             progress: bool = False, evaluation: TextSamples | None = None) -> TrainResult:
     """Fine-tune ``model_cfg`` on ``train``; save epoch checkpoints under ``out``; select the best.
 
     Args:
         model_cfg: the pretrained model (name, max_length, dtype).
         cfg: optimiser, schedule, epochs, LoRA settings, checkpoint selection.
         train: the (possibly noisy) training samples.
-        heldout: the influence set; its loss selects the scored checkpoint (``cfg.select == "best"``).
+        heldout: the checkpoint-selection split; its loss selects the scored checkpoint (``cfg.select ==
+            "best"``), stops early (``cfg.patience``) and ranks ``lr: auto`` candidates (by accuracy).
         out: directory receiving ``ckpt-<epoch>/``, ``train.json`` and ``lr_log.json``.
         seed: drives every random choice (head/LoRA init, dropout, data order).
         n_classes: number of classes (default: ``max(label) + 1`` over train and heldout).
+        evaluation: an evaluation split, measured on the best weights (``result.evaluation``).
 
     Returns:
         a :class:`TrainResult`; ``result.best.path`` is the checkpoint to extract from.
@@ -211,14 +224,34 @@ def finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, heldo
     y = _labels_of(train)
     n_classes = _check_classes(y, heldout, n_classes)
     with open_output_dir(out, "train"):       # new, empty or a train directory fastinf wrote; locked
-        return _finetune(model_cfg, cfg, train, y, heldout, out, seed=seed, n_classes=n_classes,
-                         progress=progress, t0=t0)
+        if cfg.lr == "auto":
+            from fastinf.experiment.lr_auto import choose_lr
+
+            lr = choose_lr(model_cfg, cfg, train, heldout, out, seed=seed, n_classes=n_classes,
+                           run=lambda c: _sweep_one(model_cfg, c, train, y, heldout, seed, n_classes))
+            cfg = replace(cfg, lr=lr)
+        result = _finetune(model_cfg, cfg, train, y, heldout, out, seed=seed, n_classes=n_classes,
+                           progress=progress, t0=t0, evaluation=evaluation)
+        result.save()
+        return result
+
+
+def _sweep_one(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: torch.Tensor,
+               heldout: TextSamples, seed: int, n_classes: int) -> tuple[float, float]:
+    """Train one ``lr: auto`` candidate on its short budget (nothing saved); its held-out (loss, accuracy)."""
+    fit = _setup(model_cfg, cfg, train, y, heldout, seed=seed, n_classes=n_classes)
+    fit.model.train()
+    lengths = np.array([len(r["input_ids"]) for r in fit.rows]) if cfg.group_by_length else None
+    for epoch in range(1, cfg.epochs + 1):
+        _train_epoch(fit, cfg, epoch, seed, lengths, False)
+    return _held(fit)
 
 
 def _finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: torch.Tensor,
               heldout: TextSamples | None, out: Path, *, seed: int, n_classes: int, progress: bool,
-              t0: float) -> TrainResult:
-    """The body of :func:`finetune` inside its locked output directory: epoch 0, the epochs, selection."""
+              t0: float, evaluation: TextSamples | None = None) -> TrainResult:
+    """The body of :func:`finetune` inside its locked output directory: epoch 0, the epochs (stopping early
+    after ``cfg.patience`` epochs without a lower held-out loss), selection, the evaluation split."""
     fit = _setup(model_cfg, cfg, train, y, heldout, seed=seed, n_classes=n_classes)
     h_loss, h_acc = _held(fit)
     checkpoints = [_save(fit, Checkpoint(epoch=0, path=str(out / "ckpt-0"), lr=0.0, mean_lr=0.0, step=0,
@@ -226,6 +259,7 @@ def _finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: t
     history: list[dict[str, float]] = []
     fit.model.train()
     lengths = np.array([len(r["input_ids"]) for r in fit.rows])
+    stop = _EarlyStop(cfg.patience if heldout is not None else None)
     for epoch in range(1, cfg.epochs + 1):
         lrs, losses = _train_epoch(fit, cfg, epoch, seed, lengths if cfg.group_by_length else None, progress)
         h_loss, h_acc = _held(fit)
@@ -236,10 +270,48 @@ def _finetune(model_cfg: ModelConfig, cfg: TrainConfig, train: TextSamples, y: t
         history.append({"epoch": epoch, "train_loss": ck.train_loss, "heldout_loss": h_loss, "heldout_acc": h_acc})
         log.info("epoch %d: train loss %.4f, held-out loss %s, acc %s", epoch, ck.train_loss, h_loss, h_acc)
         fit.model.train()
-    result = TrainResult(checkpoints=checkpoints, best_epoch=_select(checkpoints[1:], cfg, heldout),
-                         seconds=time.perf_counter() - t0, out=str(out), history=history)
-    result.save()
-    return result
+        if stop.update(h_loss):
+            break
+    best_epoch = _select(checkpoints[1:], cfg, heldout)
+    return TrainResult(checkpoints=checkpoints, best_epoch=best_epoch, seconds=time.perf_counter() - t0,
+                       out=str(out), history=history, lr=float(cfg.lr),
+                       stopped_epoch=checkpoints[-1].epoch if stop.stopped else None,
+                       evaluation=_evaluate_best(fit, checkpoints, best_epoch, evaluation))
+
+
+class _EarlyStop:
+    """Patience on the held-out loss: ``update`` returns True when ``patience`` epochs in a row did not lower
+    it. ``patience=None``: never stops."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience, self.best, self.since, self.stopped = patience, math.inf, 0, False
+
+    def update(self, loss: float | None) -> bool:
+        if self.patience is None or loss is None:
+            return False
+        self.best, self.since = (loss, 0) if loss < self.best else (self.best, self.since + 1)
+        self.stopped = self.since >= self.patience
+        return self.stopped
+
+
+def _evaluate_best(fit: _Fit, checkpoints: list[Checkpoint], best_epoch: int,
+                   evaluation: TextSamples | None) -> dict[str, Any] | None:
+    """Restore the best epoch's trainable tensors into the model and measure it on ``evaluation``: loss,
+    accuracy, predictions and labels (what learned-or-refuse's tests need)."""
+    if evaluation is None:
+        return None
+    from safetensors.torch import load_file
+
+    best = next(c for c in checkpoints if c.epoch == best_epoch)
+    state = load_file(str(Path(best.path) / "trainable.safetensors"))
+    missing = set(state) - set(fit.model.state_dict())
+    if missing:
+        raise DataError(f"checkpoint {best.path} does not fit the model (e.g. {sorted(missing)[0]}); retrain")
+    fit.model.load_state_dict(state, strict=False)
+    loss, acc, pred = evaluate_model(fit.model, fit.tokenizer, evaluation, max_length=fit.max_length,
+                                     return_predictions=True)
+    return {"epoch": best_epoch, "loss": loss, "acc": acc, "n": len(pred), "predictions": pred,
+            "labels": [int(v) for v in _labels_of(evaluation).tolist()]}
 
 
 @dataclass
