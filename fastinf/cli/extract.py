@@ -18,7 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output store directory")
     p.add_argument("--layers", default="all", help="unit selector: first,last,middle,all,blocks[a:b],q1..q4,"
                                                    "attn.v,mlp,lora_b, globs; unions with commas")
-    p.add_argument("--proj", default="16x16", help="KOUTxKIN Kronecker projection (default 16x16) or 'exact'")
+    p.add_argument("--proj", default="16x16", help="KOUTxKIN Kronecker projection (default 16x16), 'exact', or "
+                                                   "pcaKxK / pcamixKxK / kfacKxK with --factors (or KxK@DIR)")
+    p.add_argument("--factors", default=None, metavar="DIR",
+                   help="the factor set (`fastinf factors`) of a pca/pcamix/kfac projection")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="storage dtype")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch (default: the largest safe batch from `fastinf plan`)")
@@ -79,7 +82,7 @@ def _check_output(args: argparse.Namespace) -> None:
     from fastinf.extraction.projection import ProjectionSpec
     from fastinf.store.claim import preflight_store
 
-    ProjectionSpec.parse(args.proj, seed=args.seed)
+    ProjectionSpec.parse(args.proj, seed=args.seed, factors=args.factors)
     preflight_store(args.out, resume=args.resume, overwrite=args.overwrite)
 
 
@@ -119,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     ds = load_data(args)
     num_labels = args.num_labels or (ds.num_classes if args.task == "seq-cls" else None)
     model, tok = load_model(args.model, task=args.task, num_labels=num_labels)
-    store = extract(model, tok, ds, args.out, layers=args.layers, proj=args.proj, task=args.task,
+    from fastinf.extraction.projection import ProjectionSpec
+
+    proj = ProjectionSpec.parse(args.proj, seed=args.seed, factors=args.factors)
+    store = extract(model, tok, ds, args.out, layers=args.layers, proj=proj, task=args.task,
                     dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                     resume=args.resume, overwrite=args.overwrite, chunk_size=args.chunk_size,
                     token_grads=args.token_grads, reps=args.reps, device=device, progress=not args.no_progress,

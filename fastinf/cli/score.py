@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastinf.cli.score_fused import add_fused_args, fused_requested, run_fused
+from fastinf.cli.score_fused import add_fused_args, check_factors_flag, fused_requested, run_fused
 
 
 # the same tuple as fastinf.estimators.METHODS (kept here so that `fastinf --help` does not import torch;
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         return run_fused(args)
     _check_outputs(args)
     checkpoints = _checkpoints(args)
+    check_factors_flag(args)        # --factors DIR: the stores come from that factor set (kfac / ekfac)
     reused = not args.overwrite and _was_complete(args.out)
     s = score(args.test, args.train, args.method, args.layers, out=args.out, overwrite=args.overwrite,
               resume=args.resume, exist_ok=True,

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                                   class_rates=cfg.noise.class_rates, transition=cfg.noise.transition)
                 nz.save(out / "noise.npz")
                 train = train.with_labels(nz.labels)
-            result = finetune(cfg.model, cfg.train, train, test, out, seed=args.seed, progress=not args.json)
+            result = finetune(cfg.model, cfg.train, train, test, out, seed=args.seed,
+                              progress=not args.json and not args.no_progress)
     elif not args.json:
         print(f"{out}: already trained with these settings; nothing to do (--overwrite trains again)")
     if args.json:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fastinf.experiment.config import RunConfig
+from fastinf.experiment.curvature_stage import stores_for
 from fastinf.experiment.metrics import baseline_scores, evaluate_scores
 from fastinf.errors import ConfigError, SelectorError
 
@@ -108,13 +109,13 @@ def _fused(cfg: RunConfig, sdir: Path, stores, method: str, hows: list[str], spe
     out = fused_path(sdir, method)
     kw = dict(vote_p=a.vote_p, correct_only=a.correct_only, out=out)
     resume = state_path(out).exists()
+    test, train = stores_for(cfg, stores, method)       # kfac / ekfac: their kfac / pca stores
     try:
-        return influence(stores["test"], stores["train"], method, hows, spec, resume=resume, overwrite=not resume,
-                         **kw)
+        return influence(test, train, method, hows, spec, resume=resume, overwrite=not resume, **kw)
     except StoreError:               # a state of another request (or a damaged one): start over
         if not resume:
             raise
-        return influence(stores["test"], stores["train"], method, hows, spec, overwrite=True, **kw)
+        return influence(test, train, method, hows, spec, overwrite=True, **kw)
 
 
 def aggregated_scores(cfg: RunConfig, sdir: Path, stores, method: str, how: str, group: str,
@@ -133,7 +134,7 @@ def aggregated_scores(cfg: RunConfig, sdir: Path, stores, method: str, how: str,
     from fastinf.scoring.fused import influence
 
     a = cfg.aggregate
-    return influence(stores["test"], stores["train"], method, [how], {group: units}, vote_p=a.vote_p,
+    return influence(*stores_for(cfg, stores, method), method, [how], {group: units}, vote_p=a.vote_p,
                      correct_only=a.correct_only).get(group, how)
 
 

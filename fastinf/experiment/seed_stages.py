@@ -16,6 +16,7 @@ from typing import Any
 from fastinf.data.noise import NoiseResult, inject_noise, load_noise
 from fastinf.experiment.config import to_dict
 from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
+from fastinf.experiment.curvature_stage import extract_method_stores, factor_deps, run_proj, stage_factors, stores_for
 from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups, uses_fused
 from fastinf.experiment.retrain import filter_retrain
 from fastinf.experiment.rundir import clear_own_dir
@@ -62,6 +63,7 @@ def run_seed(r: StageRunner, seed: int, train, test) -> SeedRun:
     ctx = SeedRun(seed=seed, sdir=r.out / f"seed-{seed}", train=train, test=test)
     _stage_noise(r, ctx)
     _stage_train(r, ctx)
+    stage_factors(r, ctx)            # K-FAC factor pass when a projection or method needs it (curvature_stage)
     _stage_extract(r, ctx)
     _stage_costs(r, ctx)
     _stage_score(r, ctx)
@@ -128,15 +130,16 @@ def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
 
     cfg, ex = r.cfg, r.cfg.extract
     deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")},
-            "max_length": cfg.model.max_length}
+            "max_length": cfg.model.max_length, **factor_deps(ctx)}
     for split, ds in (("train", ctx.noisy_train), ("test", ctx.test)):
         def do(split: str = split, ds=ds) -> dict[str, Any]:
             model, tok = ctx.model()
             stats = ExtractStats()
             path = ctx.sdir / "stores" / split
             resume = (path / "manifest.json").exists()
-            kw = dict(layers=ex.layers, proj=ex.proj, dtype=ex.dtype, batch_size=ex.batch_size,
-                      max_length=cfg.model.max_length, seed=0, progress=r.progress, stats=stats)
+            kw = dict(layers=ex.layers, proj=run_proj(ex.proj, ctx.sdir), dtype=ex.dtype,
+                      batch_size=ex.batch_size, max_length=cfg.model.max_length, seed=0, progress=r.progress,
+                      stats=stats)
             try:
                 extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
             except StoreError:       # an interrupted store that cannot be resumed: start over
@@ -153,6 +156,7 @@ def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
     nbytes = sum(ctx.stores["train"].feature_dim(u.name) for u in ctx.units) * itemsize(ex.dtype)
     r.echo(f"seed {ctx.seed}: stores of {len(ctx.units)} units ({nbytes:,} bytes/sample)")
     ctx.upstream = [marker_hash(ctx.sdir, "extract_train"), marker_hash(ctx.sdir, "extract_test")]
+    extract_method_stores(r, ctx)    # the kfac / pca stores of kfac / ekfac when extract.proj differs
 
 
 def _stage_costs(r: StageRunner, ctx: SeedRun) -> None:
@@ -184,13 +188,13 @@ def _stage_score(r: StageRunner, ctx: SeedRun) -> None:
     for method in r.cfg.score.methods:
         def do(method: str = method) -> dict[str, Any]:
             t = time.perf_counter()
-            score(ctx.stores["test"], ctx.stores["train"], method=method, out=ctx.sdir / "scores" / method,
+            score(*stores_for(r.cfg, ctx.stores, method), method=method, out=ctx.sdir / "scores" / method,
                   overwrite=True)
             return {"score_s": time.perf_counter() - t}
 
         m = r.stage(ctx.sdir, f"score_{method}", {"method": method}, do, upstream=ctx.upstream)
         score_times[method] = _timed(ctx, "score", m)["score_s"]
-    apportion_score_time(ctx.costs, score_times, ctx.stores["train"])
+    apportion_score_time(ctx.costs, score_times, ctx.stores["train"], factor_s=ctx.timings.get("factors"))
     ctx.upstream = ctx.upstream + [marker_hash(ctx.sdir, f"score_{m}") for m in r.cfg.score.methods]
 
 
@@ -214,7 +218,8 @@ def _stage_evaluate(r: StageRunner, ctx: SeedRun) -> None:
     m = _timed(ctx, "score+aggregate+evaluate" if fused else "aggregate+evaluate",
                r.stage(ctx.sdir, "evaluate", deps, do, upstream=ctx.upstream))
     if fused:
-        apportion_score_time(ctx.costs, m.get("fused_score_s", {}), ctx.stores["train"])
+        apportion_score_time(ctx.costs, m.get("fused_score_s", {}), ctx.stores["train"],
+                             factor_s=ctx.timings.get("factors"))
     ctx.rows = json.loads((ctx.sdir / "metrics.json").read_text())
 
 
