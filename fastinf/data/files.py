@@ -19,9 +19,10 @@ from typing import Any
 from fastinf.data.layouts import PAIR_COLUMNS, TEXT_COLUMNS, detect_headerless, headerless_names
 from fastinf.errors import DataError
 
-__all__ = ["SUFFIXES", "TEXT_COLUMNS", "PAIR_COLUMNS", "read_table", "looks_like_path", "file_not_found"]
+__all__ = ["SUFFIXES", "TEXT_COLUMNS", "PAIR_COLUMNS", "read_table", "looks_like_path", "file_not_found",
+           "delimited_layout"]
 
-SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")
+SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet", ".arrow")
 
 
 def looks_like_path(spec: str) -> bool:
@@ -100,6 +101,19 @@ def _header_and_data(path: Path, rows: list[tuple[int, list[str]]], header: bool
     if dup:
         raise DataError(f"{path}:1: column {dup[0]!r} appears more than once in the header; rename it")
     return names, rows[1:], "header"
+
+
+def delimited_layout(path: Path, header: bool | None = None, columns: Sequence[str] | None = None
+                     ) -> tuple[list[str], list[list[str]], bool]:
+    """(column names, data rows as fields, whether the file has a header line) of a .csv/.tsv/.txt, found as
+    the loader finds them (``write_like`` writes a file back in the same layout)."""
+    suffix = path.suffix.lower()
+    names, data, how = _header_and_data(path, _delimited_rows(path, suffix), header, columns)
+    bad = next(((line, row) for line, row in data if len(row) != len(names)), None)
+    if bad is not None:
+        what = "header has" if how == "header" else f"{how} names"
+        raise DataError(f"{path}:{bad[0]}: {len(bad[1])} fields, {what} {len(names)}")
+    return names, [row for _, row in data], how == "header"
 
 
 def _read_delimited(path: Path, suffix: str, header: bool | None = None,
