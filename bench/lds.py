@@ -2,8 +2,10 @@
 
 MiniLM-L6 (packaged) + LoRA r=4/alpha=4 on query/value + head, on SMS spam (400 train / 80 test, 32 tokens),
 with label noise off (0%) and on (20%); optionally SST-2 (``../shared/data/glue/SST-2``, 1,000 train / 200
-test). For each setting: fine-tune, extract all units at 16x16, score with graddot, gradcos, if, datainf
-(and kfac / ekfac when this build scores them from these stores), then m >= 64 datamodel retrains at
+test). For each setting: fine-tune, fit K-FAC factors on the train split, extract all units at random 16x16
+(with hidden representations), kfac16x16 and pca16x16, score with graddot, gradcos, if, datainf (random
+16x16), kfac (K-FAC-whitened projection), ekfac (eigenbasis projection) and repsim (last / all), then m >= 64
+datamodel retrains at
 alpha = 0.5 (``fastinf.datamodels``) and the LDS (``fastinf.lds_score`` via per-test aggregation) of every
 method for the groups first / middle / last / all under mean / rank / vote, plus the loss, repsim and random
 baselines. With noise on, NDR@30 of the same configurations and the rank correlation between NDR@30 and LDS
@@ -31,6 +33,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "data" / "glue"
 METHODS = ["graddot", "gradcos", "if", "datainf", "kfac", "ekfac"]
+# the store each method scores: random Kronecker 16x16 (with hidden representations for repsim), the K-FAC
+# whitened projection for kfac, the eigenbasis projection for ekfac (both from the train split's factors)
+PROJECTIONS = ("16x16", "kfac16x16", "pca16x16")
+STORE_OF = {"kfac": "kfac16x16", "ekfac": "pca16x16"}
 GROUPS = ["first", "middle", "last", "all"]
 HOWS = ["mean", "rank", "vote"]
 
@@ -74,14 +80,27 @@ def prepare(cfg, work: Path):
     from fastinf.experiment.train import TrainResult
 
     model, tok = load_checkpoint(TrainResult.load(work / "train").best.path)
+    factors = _factors(model, tok, train, work / "factors", cfg.model.max_length)
     stores = {}
-    for split, ds in (("train", train), ("test", test)):
-        path = work / "stores" / split
-        if not (path / "manifest.json").is_file():
-            extract(model, tok, ds, path, layers="all", proj="16x16", dtype="float16", batch_size=32,
-                    max_length=cfg.model.max_length, progress=False, overwrite=True)
-        stores[split] = GradientStore.open(path)
+    for proj in PROJECTIONS:
+        spec = proj if proj == "16x16" else f"{proj}@{factors}"
+        for split, ds in (("train", train), ("test", test)):
+            path = work / "stores" / proj / split
+            if not (path / "manifest.json").is_file():
+                extract(model, tok, ds, path, layers="all", proj=spec, dtype="float16", batch_size=32,
+                        max_length=cfg.model.max_length, progress=False, overwrite=True, reps=proj == "16x16")
+            stores[proj, split] = GradientStore.open(path)
     return train, test, stores, mask, n_classes
+
+
+def _factors(model, tok, train, out: Path, max_length: int) -> Path:
+    """K-FAC factors of every unit, fitted on the (noisy) train split only, once (cached)."""
+    from fastinf.extraction.factors import fit_factors
+
+    if not (out / "manifest.json").is_file():
+        fit_factors(model, tok, train, out, layers="all", max_length=max_length, batch_size=32, progress=False,
+                    overwrite=out.exists())
+    return out
 
 
 def score_all(stores, work: Path) -> tuple[dict, dict, dict]:
@@ -93,8 +112,9 @@ def score_all(stores, work: Path) -> tuple[dict, dict, dict]:
     for method in METHODS + ["repsim"]:
         t0 = time.perf_counter()
         try:
-            sets[method] = score(stores["test"], stores["train"], method=method, out=work / "scores" / method,
-                                 overwrite=True)
+            proj = STORE_OF.get(method, "16x16")
+            sets[method] = score(stores[proj, "test"], stores[proj, "train"], method=method,
+                                 out=work / "scores" / method, overwrite=True)
             times[method] = time.perf_counter() - t0
         except FastinfError as e:
             skipped[method] = str(e).split("\n")[0][:160]
@@ -109,7 +129,8 @@ def lds_rows(sets, stores, truth, mask) -> list[dict]:
 
     rows = []
     for method, s in sets.items():
-        groups = GROUPS if method != "repsim" else ["all"]
+        # repsim's pseudo-units are the embedding output and each block's output: RepSim-last and -all
+        groups = GROUPS if method != "repsim" else {"last": s.unit_names[-1], "all": "all"}
         res = lds_of_aggregations(s, truth.subsets, truth.margins, HOWS, groups=groups)
         agg = aggregate_all(s, HOWS, groups=groups) if mask.any() else None
         for (g, how), v in res.items():
@@ -117,8 +138,8 @@ def lds_rows(sets, stores, truth, mask) -> list[dict]:
             if agg is not None:
                 row["ndr@30"] = float(ndr(agg.get(g, how), mask, at=30))
             rows.append(row)
-    for name, tau in (("loss", -np.asarray(stores["train"].meta.loss, np.float64)),
-                      ("random", np.random.default_rng(0).random(stores["train"].n))):
+    for name, tau in (("loss", -np.asarray(stores["16x16", "train"].meta.loss, np.float64)),
+                      ("random", np.random.default_rng(0).random(stores["16x16", "train"].n))):
         row = {"method": name, "group": "-", "how": "-", **lds_score(tau, truth.subsets, truth.margins).as_dict()}
         if mask.any():
             row["ndr@30"] = float(ndr(tau, mask, at=30))
@@ -191,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=None, help="subsets (default 64; tiny: 4)")
     ap.add_argument("--workers", type=int, default=1, help="parallel retrain processes")
     ap.add_argument("--out-dir", default="/tmp/fastinf_bench_lds")
+    ap.add_argument("--noise", type=float, nargs="+", default=None, help="noise rates (default: 0 and 0.2)")
     args = ap.parse_args(argv)
     sizes = {"sms": (400, 80), "sst2": (1000, 200)}[args.task]
     if args.tiny:
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = [run_setting(args.task, *sizes, noise, m, args.workers, root)
-               for noise in ((0.2,) if args.tiny else (0.0, 0.2))]
+               for noise in (args.noise or ((0.2,) if args.tiny else (0.0, 0.2)))]
     wall = time.perf_counter() - t0
     (root / f"lds_{args.task}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     write_md(results, root / f"lds_{args.task}.md", wall)

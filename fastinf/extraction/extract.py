@@ -260,7 +260,8 @@ def _identity(run: _Run, model: torch.nn.Module, model_name: str | None) -> dict
         "task": run.task_name,
         "max_length": int(run.max_length),
         "batch_size": int(run.batch_size),
-        "dataset": {"name": run.ds.name, "fingerprint": run.ds.fingerprint(), "n": run.n},
+        "dataset": {"name": run.ds.name, "fingerprint": run.ds.fingerprint(), "n": run.n,
+                    **({"label_names": list(run.ds.label_names)} if run.ds.label_names else {})},
     }
 
 

@@ -307,6 +307,11 @@ class GradientStore:
             raise StoreMismatchError(
                 f"stores use different projections: {self.path}: {a['projection']} vs {other.path}: "
                 f"{b['projection']}; extract both with the same --proj and --seed")
+        la, lb = (x.get("dataset", {}).get("label_names") for x in (a, b))
+        if la and lb and list(la) != list(lb):
+            raise StoreMismatchError(
+                f"stores map labels to classes differently: {self.path} has {la} and {other.path} has {lb}; "
+                "load both splits with the same label_names")
         names = list(units) if units is not None else self.unit_names
         theirs = {u["name"]: u for u in other.manifest["units"]}
         mine = {u["name"]: u for u in self.manifest["units"]}
