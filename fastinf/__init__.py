@@ -72,6 +72,11 @@ _API: dict[str, str] = {
     "SearchResult": "fastinf.retrieval.results",
     # experiments and scale
     "inject_noise": "fastinf.data.noise",
+    # data in and out (tables: Parquet, Arrow, HF datasets, jsonl/csv)
+    "as_text_dataset": "fastinf.data.datasets",
+    "ArrowTextDataset": "fastinf.data.lazy",
+    "write_like": "fastinf.data.tables",
+    "results_table": "fastinf.data.tables",
     "RunConfig": "fastinf.experiment.config",
     "run_experiment": "fastinf.experiment.pipeline",
     "finetune": "fastinf.experiment.train",
