@@ -79,6 +79,8 @@ def run_experiment(cfg: RunConfig, out: str | Path | None = None, *, progress: b
     """
     out = Path(out if out is not None else cfg.out)
     runner = StageRunner(cfg.validate(), out, progress, echo or log.info)
+    from fastinf.experiment.retrain_grid import check_grid
+    check_grid(runner.cfg)                                      # a bad retrain grid fails before any work
     outdir = open_output_dir(out, "run", overwrite=overwrite)   # checked before any work
     t0 = time.perf_counter()
     data = load_splits(runner.cfg)                              # bad data fails before anything is written
@@ -96,6 +98,7 @@ def _run(r: StageRunner, data: tuple[Any, Any], timings: dict[str, float]) -> Ru
     results = _results(r, train, test, seeds, timings)
     if lds_rows is not None:
         _add_lds(results, lds_rows, r.cfg)
+    _add_claims(r, results, seeds)
     report = _report(r.out, results)
     return RunResult(out=r.out, results=results, report=report, stages_run=r.ran, stages_cached=r.cached)
 
@@ -128,9 +131,27 @@ def _add_lds(results: dict[str, Any], lds_rows: list[dict[str, Any]], cfg: RunCo
     merge_lds(results["rows"], lds_rows)
     results["metrics"] = list(results["metrics"]) + [LDS_METRIC]
     results["lds"] = lds_rows
-    results["setup"]["lds"] = f"m={cfg.lds.m} subsets at alpha={cfg.lds.alpha:g}"
+    results["setup"]["lds"] = f"m={cfg.lds.m} subsets at alpha={cfg.lds.alpha:g}" + (
+        ", correctly classified test samples only" if cfg.lds.correct_only else "")
     results["setup"]["chance"][LDS_METRIC] = 0.0
     results["recommend_by"] = LDS_METRIC if cfg.evaluate.recommend_by == "lds" else results["metrics"][0]
+
+
+def _add_claims(r: StageRunner, results: dict[str, Any], seeds: list[SeedRun]) -> None:
+    """The cancellation ratio per group and the self-influence baseline of every seed, the retrain grid's rows
+    and split record, and the claim verdicts (1, 1b, 2a, 2b, 3: :mod:`.claims`), echoed one line each."""
+    from fastinf.experiment.claims import all_claims, claim_lines
+
+    results["cancellation"] = [row for s in seeds for row in s.cancellation.get("groups", [])]
+    results["selfinf"] = [s.cancellation["selfinf"] for s in seeds if "selfinf" in s.cancellation]
+    grid = [row for s in seeds for row in s.grid.get("rows", [])]
+    if grid:
+        results["retrain_grid"] = grid
+        results["retrain_grid_heldout"] = seeds[0].grid.get("heldout")
+    n_boot = r.cfg.evaluate.retrain_grid.n_boot
+    results["claims"] = all_claims(results["rows"], results["metrics"][0], grid, results.get("lds"), n_boot=n_boot)
+    for line in claim_lines(results["claims"]):
+        r.echo(line)
 
 
 def _write_config(r: StageRunner) -> None:

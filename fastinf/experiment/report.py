@@ -18,7 +18,9 @@ Outputs of :func:`write_report` (in ``out``): ``report.md``, ``report.html`` (st
 inlined), ``layers_<method>.png`` (NDR per block, one line per unit role, one panel per aggregation),
 ``cost_quality.png``, ``results.json`` and ``results.parquet`` (the metric rows). With LDS (``results["lds"]``,
 the ``lds`` metric on the rows): ``layers_<method>_lds.png``, ``lds_vs_ndr.png`` and the "LDS next to NDR" table;
-``results["recommend_by"]`` names the metric the layer recommendation optimises.
+``results["recommend_by"]`` names the metric the layer recommendation optimises. With ``results["claims"]``
+(:mod:`.claims`) the verdicts of the paper's claims come first; ``results["cancellation"]`` / ``["selfinf"]`` /
+``["retrain_grid"]`` add the cancellation-ratio and retrain-grid tables.
 
 This module assembles and writes the report; the numbers are :mod:`.summary`, the plots :mod:`.plots`,
 the tables :mod:`.report_tables` (their public names are re-exported here).
@@ -78,7 +80,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> ReportFiles:
     plots = _plots(summary, rec, out, headline, chance, metrics)
     tables = report_tables(results, summary, rec, metrics)
     title = results.get("title") or f"fastinf run {results.get('config_hash', '')}".strip()
-    md = _preamble(title, results.get("setup", {}), headline, chance, rec, plots)
+    md = _preamble(title, results.get("setup", {}), headline, chance, rec, plots) + _claim_paragraphs(results)
     html_parts = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(x)}</p>" for x in md[2:] if x and not x.startswith("![")]
     for p in plots:
         data = base64.b64encode(p.read_bytes()).decode()
@@ -160,6 +162,15 @@ def _preamble(title: str, setup: Mapping[str, Any], headline: str, chance: float
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
     return md
+
+
+def _claim_paragraphs(results: Mapping[str, Any]) -> list[str]:
+    """The claim verdicts (``results["claims"]``, :mod:`.claims`) as bold-led paragraphs."""
+    if not results.get("claims"):
+        return []
+    from fastinf.experiment.claims import claim_lines
+
+    return ["**Claims.**", ""] + [x for line in claim_lines(results["claims"]) for x in (line, "")]
 
 
 def _append_tables_and_footer(md: list[str], html_parts: list[str], tables: Sequence[Any],

@@ -146,6 +146,71 @@ def _lds_table(summary: Sequence[Mapping[str, Any]], headline: str,
                   "CI by bootstrap over test samples (averaged over seeds).")
 
 
+def _mean_of(vals: Sequence[float]) -> str:
+    v = [float(x) for x in vals if x is not None and np.isfinite(x)]
+    return fmt_mean_std(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) if v else "n/a"
+
+
+def _claims_table(verdicts: Mapping[str, Any] | None) -> _Table | None:
+    """One row per claim: its verdict and the evidence (cells won/lost and the CI, or the correlations)."""
+    if not verdicts:
+        return None
+    rows = []
+    for c in verdicts["claims"]:
+        if c["claim"] == "3":
+            sp = c.get("spearman", {})
+            ev = "; ".join(f"rho(acc, {k}) {v['rho']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" for k, v in sp.items())
+            ev = f"{c['settings']} settings; {ev}; diff CI [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if sp else \
+                f"{c['settings']} settings"
+        elif c["cells"]:
+            ev = (f"{c['wins']}/{c['cells']} cells better, mean {c['mean_diff']:+.4f}, CI [{c['ci95'][0]:+.4f}, "
+                  f"{c['ci95'][1]:+.4f}], Wilcoxon p {c['p_wilcoxon']:.3g}")
+        else:
+            ev = "no cells"
+        rows.append([c["claim"], c["text"], c["verdict"], ev])
+    return _Table("The paper's claims on this run", ["claim", "statement", "verdict", "evidence"], rows,
+                  f"Claims 1-2 on {verdicts['metric']} (paired differences per cell, averaged over seeds; bootstrap "
+                  "95% CI over cells). Claim 3: Spearman rho over the retrain-grid settings of retrained accuracy "
+                  "(evaluation split) with NDR, AUC_NDR, minus the cancellation ratio and LDS; holds when the CI "
+                  "of rho(NDR) - rho(-cancellation) lies above 0.")
+
+
+def _grid_table(grid: Sequence[Mapping[str, Any]], heldout: Mapping[str, Any] | None) -> _Table | None:
+    """The retrain grid: accuracy on the evaluation split per setting (mean over seeds) with its predictors."""
+    if not grid:
+        return None
+    by: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in grid:
+        by[(r["strategy"], r["method"], r["how"], r["group"], r["p"])].append(r)
+    rows = [[st, m, h, g, f"{p:g}", _mean_of([r["accuracy"] for r in rs]), _mean_of([r.get("ndr") for r in rs]),
+             _mean_of([r.get("auc_ndr") for r in rs]), _mean_of([r.get("cancellation") for r in rs])]
+            for (st, m, h, g, p), rs in by.items()]
+    where = f" Evaluation split: {heldout.get('evaluation')}; influence: {heldout.get('influence')}." if heldout else ""
+    return _Table("Retrain grid (claim 3)", ["removal", "method", "aggregation", "group", "p %", "accuracy",
+                                             grid[0].get("ndr_metric", "ndr"), "auc_ndr", "cancellation"], rows,
+                  "Retrained from the same initial checkpoint after removing the p% lowest-scored training samples "
+                  "(none / random: references); accuracy on the evaluation split, never used for influence or "
+                  "checkpoint selection." + where)
+
+
+def _cancellation_table(canc: Sequence[Mapping[str, Any]], selfinf: Sequence[Mapping[str, Any]],
+                        headline: str) -> _Table | None:
+    """The cancellation ratio of every named group (mean over seeds) and the self-influence baseline."""
+    if not canc and not selfinf:
+        return None
+    by: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in canc:
+        by[r["group"]].append(r)
+    rows = [[g, str(rs[0]["n_units"]), _mean_of([r["cancellation"] for r in rs]),
+             _mean_of([r["cancellation_l2"] for r in rs]), ""] for g, rs in by.items()]
+    if selfinf:
+        rows.append(["selfinf baseline (all units)", "", "", "", _mean_of([r.get(headline) for r in selfinf])])
+    return _Table("Cancellation ratio per group, and the self-influence baseline",
+                  ["group", "units", "cancellation (L1)", "cancellation (L2)", f"{headline}"], rows,
+                  "Cancellation (Yeh et al.): sum_i |g_i| / |sum_i g_i| over the group's stored train features (1 = "
+                  "none; larger = more); self-influence: -sum_u ||g_iu||^2, lowest = most suspicious.")
+
+
 def _train_table(train_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
     if not train_rows:
         return None
@@ -157,8 +222,8 @@ def _train_table(train_rows: Sequence[Mapping[str, Any]]) -> _Table | None:
 def report_tables(results: Mapping[str, Any], summary: Sequence[Mapping[str, Any]],
                   rec: Mapping[str, Any] | None, metrics: Sequence[str]) -> list[_Table | None]:
     """The report's tables in order (``None`` for a section without data): per-method aggregation
-    tables, LDS next to NDR (with an ``lds`` metric), all metrics, costs, baselines, filter and retrain,
-    fine-tuning."""
+    tables, LDS next to NDR (with an ``lds`` metric), all metrics, costs, baselines, cancellation per group
+    with the self-influence baseline, filter and retrain, the retrain grid, fine-tuning; the claims first."""
     headline = metrics[0]
     costs = results.get("costs", [])
     groups = list(dict.fromkeys(s["group"] for s in summary if s["kind"] == "group"))
@@ -172,4 +237,6 @@ def report_tables(results: Mapping[str, Any], summary: Sequence[Mapping[str, Any
     fr_table = _filter_retrain_table(results.get("filter_retrain") or [])
     tr_table = _train_table(results.get("train") or [])
     lds = _lds_table(summary, headline, results.get("lds") or []) if "lds" in metrics else None
-    return [*tables, lds, full, cost, base, fr_table, tr_table]
+    canc = _cancellation_table(results.get("cancellation") or [], results.get("selfinf") or [], headline)
+    grid = _grid_table(results.get("retrain_grid") or [], results.get("retrain_grid_heldout"))
+    return [_claims_table(results.get("claims")), *tables, lds, full, cost, base, canc, fr_table, grid, tr_table]

@@ -1,4 +1,5 @@
-"""The stages of one seed of ``fastinf run``, in order: noise, train, extract, costs, score, evaluate, retrain.
+"""The stages of one seed of ``fastinf run``, in order: noise, train, extract, costs, score, evaluate, retrain,
+cancellation (per named group, with the self-influence baseline), retrain grid (claim 3).
 
 :func:`run_seed` is the list of steps; each ``_stage_*`` function declares what its stage depends on
 (``deps``, plus the marker hashes of the stages before it as ``upstream``), hands the work to
@@ -45,6 +46,8 @@ class SeedRun:
     costs: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     retrain_rows: list[dict[str, Any]] = field(default_factory=list)
+    cancellation: dict[str, Any] = field(default_factory=dict)   # per named group, and the selfinf baseline
+    grid: dict[str, Any] = field(default_factory=dict)           # the retrain grid's rows and split record
     timings: dict[str, float] = field(default_factory=dict)
     _loaded: tuple[Any, Any] | None = None
 
@@ -69,6 +72,8 @@ def run_seed(r: StageRunner, seed: int, train, test) -> SeedRun:
     _stage_score(r, ctx)
     _stage_evaluate(r, ctx)
     _stage_retrain(r, ctx)
+    _stage_cancellation(r, ctx)
+    _stage_retrain_grid(r, ctx)
     return ctx
 
 
@@ -238,3 +243,51 @@ def _stage_retrain(r: StageRunner, ctx: SeedRun) -> None:
     deps = {"filter_retrain": to_dict(fr), "aggregate": to_dict(r.cfg.aggregate)}
     _timed(ctx, "retrain", r.stage(ctx.sdir, "retrain", deps, do, upstream=ctx.upstream))
     ctx.retrain_rows = json.loads((ctx.sdir / "retrain.json").read_text())
+
+
+def _stage_cancellation(r: StageRunner, ctx: SeedRun) -> None:
+    """The cancellation ratio of every named group and the self-influence baseline (``-sum_u ||g_iu||^2``, its
+    NDR metrics) from the train store (``cancellation.json``); ``ctx.cancellation``."""
+    from fastinf.aggregation.evaluate import group_cancellation
+    from fastinf.experiment.metrics import evaluate_scores
+
+    cfg = r.cfg
+
+    def do() -> dict[str, Any]:
+        spec = named_groups(cfg, ctx.units)
+        canc, self_inf = group_cancellation(ctx.stores["train"], spec)
+        rows = [{"seed": ctx.seed, "group": g, "n_units": len(spec[g]), "cancellation": c.l1,
+                 "cancellation_l2": c.l2} for g, c in canc.items()]
+        sel = {"seed": ctx.seed, "method": "selfinf", "how": "-", "group": "all units", "kind": "baseline",
+               **evaluate_scores(self_inf, ctx.noise.mask, cfg.evaluate.ndr_at)}
+        (ctx.sdir / "cancellation.json").write_text(json.dumps({"groups": rows, "selfinf": sel}, indent=1) + "\n")
+        return {}
+
+    deps = {"groups": list(cfg.aggregate.groups), "ndr_at": list(cfg.evaluate.ndr_at)}
+    _timed(ctx, "cancellation", r.stage(ctx.sdir, "cancellation", deps, do, upstream=ctx.upstream[:2]))
+    ctx.cancellation = json.loads((ctx.sdir / "cancellation.json").read_text())
+
+
+def _stage_retrain_grid(r: StageRunner, ctx: SeedRun) -> None:
+    """The retrain grid when enabled (``retrain_grid/rows.json``; resumable per setting); ``ctx.grid``."""
+    from fastinf.experiment.retrain_grid import GRID_DIR, run_grid
+
+    g = r.cfg.evaluate.retrain_grid
+    if not g.enabled:
+        return
+    path = ctx.sdir / GRID_DIR / "rows.json"
+
+    def do() -> dict[str, Any]:
+        res = run_grid(r.cfg, ctx.seed, ctx.sdir, ctx.noisy_train, ctx.test, ctx.noise, ctx.stores, r.echo)
+        tmp = path.with_name(".rows.json.tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.replace(path)
+        return {"settings": len(res["rows"])}
+
+    cfg = r.cfg
+    deps = {"retrain_grid": to_dict(g), "aggregate": {"vote_p": cfg.aggregate.vote_p,
+            "correct_only": cfg.aggregate.correct_only}, "ndr_at": list(cfg.evaluate.ndr_at),
+            "methods": list(cfg.score.methods), "data": to_dict(cfg.data), "model": to_dict(cfg.model),
+            "train": to_dict(cfg.train)}
+    _timed(ctx, "retrain_grid", r.stage(ctx.sdir, "retrain_grid", deps, do, upstream=ctx.upstream[:2]))
+    ctx.grid = json.loads(path.read_text())
