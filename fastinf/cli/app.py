@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
-from fastinf.cli.console import add_common_flags, apply_flags, quiet_libraries
+from fastinf.cli.console import add_common_flags, apply_flags, configure_logging, quiet_libraries
 from fastinf.errors import FastinfError
 
 COMMANDS: list[str] = [
@@ -61,8 +60,7 @@ def _private_umask() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)      # fastinf's notices as "fastinf: ..." lines (cli/console.py)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

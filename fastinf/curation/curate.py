@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastinf.curation.inputs import load_source, split_reference
+from fastinf.curation.inputs import load_source, read_recipe, resolve_model, split_reference
 from fastinf.curation.table import Ranking, check_percent, n_lowest, rank_scores
 from fastinf.curation.workdir import CurateDir
 from fastinf.errors import ConfigError
@@ -115,6 +115,10 @@ def curate(train: Any, model: Any = None, *, out: str | Path, reference: Any = N
     opts.update(damping=damping, vote_p=vote_p, max_length=max_length, batch_size=batch_size, proj=proj,
                 dtype=dtype, extract_layers=opts["layers"])
     workdir = CurateDir(out, overwrite=overwrite)               # refuses a foreign directory before any work
+    if recipe is None:
+        model = resolve_model(model)
+    else:
+        read_recipe(recipe, model)                                # a bad recipe fails before any work
     full = load_source(train)
     data = split_reference(train, full, reference, fraction=reference_fraction, rows=reference_rows, seed=seed)
     say = echo or (lambda msg: None)
