@@ -78,12 +78,11 @@ def _hf_rows(hf: Any) -> RowSource:
     return rows
 
 
-def _spool_iterable(it: Any) -> tuple[RowSource, Any]:
-    """Write an ``IterableDataset`` to a private Arrow file batch by batch; (rows, the folder's finalizer)."""
+def _spool_iterable(it: Any) -> RowSource:
+    """Write an ``IterableDataset`` to a private Arrow file batch by batch; the folder goes with the rows."""
     import pyarrow as pa
 
     folder = tempfile.mkdtemp(prefix="fastinf-iterable-")
-    done = weakref.finalize(object(), shutil.rmtree, folder, True)
     path = Path(folder) / "rows.arrow"
     schema = it.features.arrow_schema if getattr(it, "features", None) else None
     writer = None
@@ -96,10 +95,12 @@ def _spool_iterable(it: Any) -> tuple[RowSource, Any]:
         if writer is None:
             raise DataError("the iterable dataset is empty; nothing to extract")
         writer.close()
+        rows = TableRows(_ipc_table(path))
     except BaseException:
-        done()
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    return TableRows(_ipc_table(path)), done
+    weakref.finalize(rows, shutil.rmtree, folder, True)
+    return rows
 
 
 def arrow_rows_of(data: Any, split: str = "train") -> tuple[RowSource, Any, str]:
@@ -113,19 +114,16 @@ def arrow_rows_of(data: Any, split: str = "train") -> tuple[RowSource, Any, str]
     if kind == "hf":
         return _hf_rows(data), data.features, str(getattr(data.info, "dataset_name", None) or "hf")
     if kind == "iterable":
-        rows, done = _spool_iterable(data)
-        rows._cleanup = done    # the temporary folder lives as long as the rows
-        weakref.finalize(rows, done)
-        return rows, data.features, "iterable"
+        return _spool_iterable(data), data.features, "iterable"
     if kind == "dict":
         raise DataError(f"a DatasetDict holds several splits {list(data)}; pass one, e.g. data[{split!r}]")
     path = Path(data).expanduser()
     if path.is_dir():
         return _disk_rows(path, split)
     if path.suffix.lower() == ".parquet":
-        return ParquetRows(path), None, path.name
+        return ParquetRows(path), None, str(path)
     if path.suffix.lower() in ARROW_SUFFIXES:
-        return TableRows(_ipc_table(path)), None, path.name
+        return TableRows(_ipc_table(path)), None, str(path)
     raise DataError(f"{path}: not an Arrow source; use a .parquet/.arrow file or a save_to_disk folder")
 
 
@@ -141,7 +139,7 @@ def _disk_rows(path: Path, split: str) -> tuple[RowSource, Any, str]:
         hf = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds
         raise DataError(f"{path}: not a readable save_to_disk dataset ({type(e).__name__}: {e})") from e
-    return _hf_rows(hf), hf.features, path.name
+    return _hf_rows(hf), hf.features, str(path)
 
 
 def open_arrow_dataset(data: Any, *, text_column: Any = None, text_pair_column: Any = None,
@@ -150,7 +148,7 @@ def open_arrow_dataset(data: Any, *, text_column: Any = None, text_pair_column: 
                        label_threshold: float | None = None, split: str = "train") -> ArrowTextDataset:
     """``data`` (see the module docstring) as an ``ArrowTextDataset``; columns chosen as every loader does."""
     rows, features, default_name = arrow_rows_of(data, split)
-    source = name or default_name
+    source = name or default_name    # named in errors; the dataset is named by the file name
     names = rows.column_names
     tc, pc = text_columns(names, text_column, text_pair_column, source)
     lc = pick_label_column(names, label_column, source, need_labels)
@@ -164,6 +162,6 @@ def open_arrow_dataset(data: Any, *, text_column: Any = None, text_pair_column: 
         labels, found = arrow_labels(rows, lc, source, label_names, label_threshold)
     ids = None if id_column is None else arrow_ids(rows, resolve_column(names, id_column, "id", source), source)
     origin = None if _kind(data) == "iterable" else data
-    return ArrowTextDataset(rows, tc, pc, labels=labels, ids=ids, name=source, label_names=found,
+    return ArrowTextDataset(rows, tc, pc, labels=labels, ids=ids, name=name or Path(default_name).name, label_names=found,
                             origin=origin)
 
