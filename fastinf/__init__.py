@@ -80,6 +80,8 @@ _API: dict[str, str] = {
     "RunConfig": "fastinf.experiment.config",
     "run_experiment": "fastinf.experiment.pipeline",
     "finetune": "fastinf.experiment.train",
+    "generation_eval": "fastinf.experiment.generation",
+    "templated_splits": "fastinf.experiment.templated_task",
     "load_checkpoint": "fastinf.extraction.checkpoint",
     "write_report": "fastinf.experiment.report",
     "plan": "fastinf.extraction.plan",
