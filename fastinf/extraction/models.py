@@ -26,6 +26,7 @@ from torch import nn
 
 from fastinf.errors import ConfigError, DataError
 from fastinf.extraction.packaged import packaged_model_path
+from fastinf.libquiet import quiet_libraries
 
 # Keys of a batch that are passed to the model's forward (labels never are: tasks compute the loss).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -305,9 +306,10 @@ def _record_new_params(model: nn.Module, name: Any, task: str, missing: list[str
     key = f"{name}|{head_seed}"
     if key not in _WARNED_HEADS:
         _WARNED_HEADS.add(key)
-        log.warning("model %r has no trained classification head: %s initialised from seed %d. Influence "
-                    "scores then describe an untrained classifier; fine-tune first (fastinf train) for "
-                    "scores that mean something.", str(name), ", ".join(missing[:4]), head_seed)
+        n = getattr(model.config, "num_labels", "?")
+        log.warning("model %r has no trained classification head: a new one for %s classes (%s), seeded "
+                    "(seed %d); fine-tune first (fastinf train) for scores that mean something", str(name), n,
+                    ", ".join(missing[:4]), head_seed)
 
 
 def _load_hf(name_or_path: str | os.PathLike, task: str, num_labels: int | None, dtype: torch.dtype,
@@ -319,8 +321,9 @@ def _load_hf(name_or_path: str | os.PathLike, task: str, num_labels: int | None,
     gguf_file = gguf_file or packaged_gguf
     g: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = tf.AutoTokenizer.from_pretrained(path, **g)
-        config = tf.AutoConfig.from_pretrained(path, **g)
+        with quiet_libraries(notice=False):          # fastinf reports a new head itself (one line)
+            tok = tf.AutoTokenizer.from_pretrained(path, **g)
+            config = tf.AutoConfig.from_pretrained(path, **g)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, task, e) from e
     kw: dict[str, Any] = {"dtype": dtype, **g}
@@ -331,7 +334,7 @@ def _load_hf(name_or_path: str | os.PathLike, task: str, num_labels: int | None,
         check_lm_task(config, name_or_path)
         auto = tf.AutoModelForCausalLM
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_libraries(notice=False):
             torch.manual_seed(head_seed)
             model, info = auto.from_pretrained(path, output_loading_info=True, **kw)
     except (OSError, ValueError, RuntimeError) as e:
