@@ -15,7 +15,7 @@ Three calls (``fastinf curate`` is built on them)::
 * ``write_like`` writes ``source``'s rows where ``keep`` is True (all rows when None), in order, every column
   untouched, plus ``extra_columns`` (one value per source row, or per kept row) appended at the end. The
   format is ``dest``'s suffix (``.parquet``, ``.arrow``, ``.jsonl``, ``.csv``, ``.tsv``, ``.json``; no suffix:
-  a ``datasets`` ``save_to_disk`` folder), the source's own format by default; Parquet/Arrow sources stream
+  a ``datasets`` ``save_to_disk`` folder) - name ``dest`` like the source to keep its format; Parquet/Arrow stream
   by batches, a ``.jsonl`` line by line (kept lines copied byte for byte when there are no extras). The
   result is written to a temporary name next to ``dest`` and renamed into place: a failure leaves nothing.
   ``dest`` may never be the input itself; an existing ``dest`` is refused unless ``overwrite=True`` (a folder
@@ -179,7 +179,7 @@ def write_like(source: Any, dest: str | os.PathLike, keep: Any = None, extra_col
     docstring); ``header`` / ``columns`` read a headerless .csv/.tsv as the loader does. Returns ``dest``."""
     obj, src_path, src_fmt = _source_of(source)
     dest = Path(dest).expanduser()
-    fmt = _format_of(dest) if dest.suffix or src_fmt in ("hf-disk", "arrow-object") else src_fmt
+    fmt = _format_of(dest)
     if fmt is None:
         raise DataError(f"{dest}: unknown output format {dest.suffix!r}; use one of {sorted(FORMATS)} or a name "
                         "without a suffix (a save_to_disk folder)")
