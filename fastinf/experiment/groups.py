@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fastinf.experiment.checkpoint_methods import CHECKPOINT_METHODS, aggregate_checkpoint_method
 from fastinf.experiment.config import RunConfig
 from fastinf.experiment.curvature_stage import stores_for
 from fastinf.experiment.metrics import baseline_scores, evaluate_scores
@@ -76,6 +77,9 @@ def aggregate_groups(cfg: RunConfig, sdir: Path, groups, stores=None,
     spec = {g["group"]: g["units"] for g in groups}
     out = {}
     for method in cfg.score.methods:
+        if method in CHECKPOINT_METHODS:     # tracin over epoch checkpoints, tracin_we, selfinf
+            out.update(aggregate_checkpoint_method(cfg, sdir, stores, method, groups, timing, uses_fused(cfg)))
+            continue
         if uses_fused(cfg):
             res = _fused(cfg, sdir, stores, method, list(a.how), spec)
             if timing is not None:

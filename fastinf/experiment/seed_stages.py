@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastinf.data.noise import NoiseResult, inject_noise, load_noise
+from fastinf.experiment.checkpoint_methods import CHECKPOINT_METHODS, score_checkpoint_method, stage_checkpoint_stores
 from fastinf.experiment.config import to_dict
 from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
 from fastinf.experiment.curvature_stage import extract_method_stores, factor_deps, run_proj, stage_factors, stores_for
@@ -162,6 +163,7 @@ def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
     r.echo(f"seed {ctx.seed}: stores of {len(ctx.units)} units ({nbytes:,} bytes/sample)")
     ctx.upstream = [marker_hash(ctx.sdir, "extract_train"), marker_hash(ctx.sdir, "extract_test")]
     extract_method_stores(r, ctx)    # the kfac / pca stores of kfac / ekfac when extract.proj differs
+    stage_checkpoint_stores(r, ctx)  # tracin (epoch checkpoints) / tracin_we stores (checkpoint_methods)
 
 
 def _stage_costs(r: StageRunner, ctx: SeedRun) -> None:
@@ -193,8 +195,11 @@ def _stage_score(r: StageRunner, ctx: SeedRun) -> None:
     for method in r.cfg.score.methods:
         def do(method: str = method) -> dict[str, Any]:
             t = time.perf_counter()
-            score(*stores_for(r.cfg, ctx.stores, method), method=method, out=ctx.sdir / "scores" / method,
-                  overwrite=True)
+            if method in CHECKPOINT_METHODS:      # tracin over epoch checkpoints, tracin_we, selfinf
+                score_checkpoint_method(ctx.sdir, ctx.stores, method)
+            else:
+                score(*stores_for(r.cfg, ctx.stores, method), method=method, out=ctx.sdir / "scores" / method,
+                      overwrite=True)
             return {"score_s": time.perf_counter() - t}
 
         m = r.stage(ctx.sdir, f"score_{method}", {"method": method}, do, upstream=ctx.upstream)
