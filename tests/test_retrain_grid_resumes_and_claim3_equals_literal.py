@@ -148,3 +148,19 @@ def test_a_bad_grid_fails_before_any_work(tmp_path):
     data["evaluate"]["retrain_grid"] = {"enabled": True, "how": ["median"]}
     with pytest.raises(ConfigError, match="retrain_grid.how"):
         run_experiment(RunConfig.from_dict(data))
+
+
+def test_named_heldout_splits_give_the_grid_its_evaluation_split(tmp_path):
+    from fastinf.experiment.retrain_grid import grid_heldout
+    from fastinf.experiment.splits import load_named_splits
+
+    data = _config(tmp_path)
+    data["data"]["heldout"] = "separate"
+    cfg = RunConfig.from_dict(data)
+    named = load_named_splits(cfg)
+    select, evaluation, rows, rec = grid_heldout(cfg, named.influence)
+    assert rows is None and rec["heldout"] == "separate"
+    assert evaluation.fingerprint() == named.evaluation.fingerprint()
+    assert select.fingerprint() == named.select.fingerprint()
+    ids = [set(np.asarray(d.ids).tolist()) for d in (named.influence, select, evaluation)]
+    assert not (ids[0] & ids[2]) and not (ids[1] & ids[2])

@@ -208,6 +208,23 @@ def _setting_row(cfg: RunConfig, s: Setting, seed: int, drop: np.ndarray, mask: 
     return row
 
 
+def _grid_recipe(cfg: RunConfig, sdir: Path) -> Any:
+    """The run's fine-tuning recipe (``epochs`` shortened by the grid's) with ``lr: auto`` pinned to the rate the
+    seed's sweep chose (``train/lr_sweep.json``), so every setting retrains with the run's learning rate."""
+    g = cfg.evaluate.retrain_grid
+    tcfg = cfg.train if g.epochs is None else replace(cfg.train, epochs=g.epochs)
+    if tcfg.lr == "auto":
+        try:
+            chosen = json.loads((sdir / "train" / "lr_sweep.json").read_text())["chosen"]
+        except (OSError, ValueError, KeyError):
+            chosen = None
+        if chosen is None:
+            raise ConfigError(f"{sdir}/train/lr_sweep.json holds no chosen learning rate for train.lr: auto; "
+                              "rerun the train stage (or set train.lr)")
+        tcfg = replace(tcfg, lr=float(chosen))
+    return tcfg
+
+
 def run_grid(cfg: RunConfig, seed: int, sdir: Path, noisy_train: Any, test: Any, noise: Any, stores: dict[str, Any],
              echo: Callable[[str], None]) -> dict[str, Any]:
     """Retrain every grid setting of one seed (resuming finished ones); returns ``{"rows", "heldout"}``."""
@@ -223,7 +240,7 @@ def run_grid(cfg: RunConfig, seed: int, sdir: Path, noisy_train: Any, test: Any,
     spec = _group_units(cfg, stores["train"].units)
     scores = _grid_scores(cfg, gdir, stores, spec, test_store)
     canc, _ = group_cancellation(stores["train"], spec)
-    tcfg = cfg.train if g.epochs is None else replace(cfg.train, epochs=g.epochs)
+    tcfg = _grid_recipe(cfg, sdir)
     base = {"model": to_dict(cfg.model), "train": to_dict(tcfg), "train_fp": noisy_train.fingerprint(),
             "select_fp": select_ds.fingerprint(), "eval_fp": eval_ds.fingerprint(), "seed": seed,
             "n_classes": int(noise.n_classes)}
@@ -238,5 +255,8 @@ def run_grid(cfg: RunConfig, seed: int, sdir: Path, noisy_train: Any, test: Any,
             jobs.append(GridJob(s.key, row, drop, cfg.model, tcfg, noisy_train, select_ds, eval_ds,
                                 int(noise.n_classes), seed, recipe, str(gdir / "work" / s.key), str(dest)))
     run_jobs(jobs, len(settings), g.workers, echo)
-    (gdir / "grid.json").write_text(json.dumps({k: v for k, v in record.items()}, indent=1) + "\n")
-    return {"rows": [read_result(d, rc) for d, rc in rows], "heldout": record}
+    tmp = gdir / ".grid.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(gdir / "grid.json")
+    return {"rows": [{k: v for k, v in read_result(d, rc).items() if k != "recipe"} for d, rc in rows],
+            "heldout": record}
