@@ -18,6 +18,13 @@ one plain training epoch over the train rows (estimated from timed train steps).
 
 Run small to check (e.g. ``--n-test 16 --n-train 128 --length 32 --finetune-steps 5``); the real run is
 ``--n-test 64 --n-train 512 --length 32`` with a one-epoch fine-tune. Writes JSON to ``--out``.
+
+``--ndr``: the noise-detection part instead. The SMS 20%-noise experiment of ``configs/sms_demo.yaml`` (MiniLM-L6
++ LoRA, 400 train / 160 held-out) run by ``fastinf run`` over 3 seeds with graddot, if, datainf (random 16x16
+stores), kfac (kfac16x16 stores) and ekfac (pca16x16 stores; the run fits the factors once per seed) over the
+first / middle / last / all groups with mean / rank / vote: NDR@30 and AUC_NDR mean ± std over seeds, written to
+``bench/results/curvature_ndr.json`` and ``.md`` (``--ndr-out``). ``--smoke`` shrinks it to a check that it runs
+(48 train rows, 1 seed, 1 epoch, no learned check; nothing written under bench/results).
 """
 from __future__ import annotations
 
@@ -156,8 +163,85 @@ def train_step_seconds(model, tok, texts, labels, T, bs, reps=3) -> float:
     return float(np.median(times[1:]))
 
 
+NDR_METHODS = ["graddot", "if", "datainf", "kfac", "ekfac"]
+NDR_GROUPS = ["first", "middle", "last", "all"]
+NDR_HOWS = ["mean", "rank", "vote"]
+
+
+def ndr_config(work: Path, smoke: bool) -> object:
+    """configs/sms_demo.yaml with the curvature comparison's methods, groups, aggregations and seeds."""
+    from fastinf.experiment.config import RunConfig
+
+    cfg = RunConfig.from_yaml(ROOT / "configs" / "sms_demo.yaml")
+    data = cfg.to_dict()
+    data.update(out=str(work / "run"), seeds=[0] if smoke else [0, 1, 2], name="curvature NDR: SMS 20% noise")
+    data["score"] = {**data["score"], "methods": NDR_METHODS}
+    data["aggregate"] = {**data["aggregate"], "how": NDR_HOWS, "groups": NDR_GROUPS, "per_block": False}
+    data["extract"] = {**data["extract"], "cost_repeats": 0 if smoke else data["extract"]["cost_repeats"]}
+    if smoke:
+        data["data"] = {**data["data"], "n_train": 48, "n_test": 16}
+        data["train"] = {**data["train"], "epochs": 1}
+        data["model"] = {**data["model"], "max_length": 16}
+        data["evaluate"] = {**data["evaluate"], "require_learned": False}
+    return RunConfig.from_dict(data)
+
+
+def ndr_table(rows: list[dict]) -> list[dict]:
+    """NDR@30 / AUC_NDR mean ± std over seeds per (method, how, group), and per baseline."""
+    keys = sorted({(r["method"], r["how"], r["group"]) for r in rows},
+                  key=lambda k: (k[0] not in NDR_METHODS, NDR_METHODS.index(k[0]) if k[0] in NDR_METHODS else 0,
+                                 k[1], NDR_GROUPS.index(k[2]) if k[2] in NDR_GROUPS else 0))
+    out = []
+    for m, how, g in keys:
+        sel = [r for r in rows if (r["method"], r["how"], r["group"]) == (m, how, g)]
+        ndr, auc = np.array([r["ndr@30"] for r in sel]), np.array([r["auc_ndr"] for r in sel])
+        out.append({"method": m, "how": how, "group": g, "seeds": len(sel), "ndr@30": float(ndr.mean()),
+                    "ndr@30_std": float(ndr.std()), "auc_ndr": float(auc.mean()), "auc_ndr_std": float(auc.std())})
+    return out
+
+
+def ndr_markdown(info: dict) -> str:
+    lines = [f"# Curvature-aware influence: noise detection on SMS ({info['noise']}, {info['seeds']} seed(s))", "",
+             f"{info['n_train']} train / {info['n_test']} held-out, {info['model']}, run {info['seconds']:.0f} s; "
+             f"held-out accuracy {info['heldout_acc']}.", "",
+             "| method | how | group | NDR@30 | AUC_NDR |", "|---|---|---|---|---|"]
+    for r in info["table"]:
+        lines.append(f"| {r['method']} | {r['how']} | {r['group']} | {r['ndr@30']:.3f} ± {r['ndr@30_std']:.3f} | "
+                     f"{r['auc_ndr']:.3f} ± {r['auc_ndr_std']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_ndr(args: argparse.Namespace) -> int:
+    """The ``--ndr`` mode (see the module docstring)."""
+    from fastinf.experiment.pipeline import run_experiment
+
+    with tempfile.TemporaryDirectory(prefix="fastinf-curv-ndr-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        cfg = ndr_config(work, args.smoke)
+        t0 = time.perf_counter()
+        res = run_experiment(cfg, echo=print)
+        seconds = time.perf_counter() - t0
+    rows = res.results["rows"]
+    info = {"config": "configs/sms_demo.yaml", "noise": f"{cfg.noise.kind} {cfg.noise.rate:g}",
+            "seeds": len(cfg.seeds), "n_train": cfg.data.n_train, "n_test": cfg.data.n_test, "model": cfg.model.name,
+            "methods": NDR_METHODS, "groups": NDR_GROUPS, "hows": NDR_HOWS, "seconds": round(seconds, 1),
+            "heldout_acc": [round(t["heldout_acc"], 3) for t in res.results["train"]], "smoke": args.smoke,
+            "threads": torch.get_num_threads(), "costs": res.results.get("costs", []), "table": ndr_table(rows)}
+    out = Path(args.ndr_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1) + "\n")
+    out.with_suffix(".md").write_text(ndr_markdown(info))
+    print(ndr_markdown(info))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ndr", action="store_true", help="the NDR comparison (fastinf run on the SMS demo setup)")
+    p.add_argument("--smoke", action="store_true", help="--ndr: a tiny check that it runs")
+    p.add_argument("--ndr-out", default=str(ROOT / "bench" / "results" / "curvature_ndr.json"))
+    p.add_argument("--work", default=None, help="--ndr: keep the run directory here (default: a temp dir)")
     p.add_argument("--n-test", type=int, default=64)
     p.add_argument("--n-train", type=int, default=512)
     p.add_argument("--length", type=int, default=32)
@@ -168,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ndr:
+        return main_ndr(args)
     from fastinf.data.datasets import TextDataset, load_sms
     from fastinf.extraction.factors import fit_factors
     from fastinf.extraction.units import discover, select

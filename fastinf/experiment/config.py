@@ -38,7 +38,7 @@ __all__ = [
 
 METHODS = ("graddot", "gradcos", "if", "datainf", "lissa")   # per-unit train x test estimators run by `fastinf run`
 METHODS = METHODS + ("tracin", "tracin_we", "selfinf")   # over epoch checkpoints / token grads / self (checkpoint_methods.py)
-METHODS = METHODS + ("kfac", "ekfac")   # curvature-aware: the run fits K-FAC factors itself (experiment/stages.py)
+METHODS = METHODS + ("kfac", "ekfac")   # curvature-aware: the run fits K-FAC factors itself (curvature_stage.py)
 BASELINES = ("loss", "random", "label_prior")
 AGGREGATIONS = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
 DTYPES = ("float16", "bfloat16", "float32")

@@ -2,7 +2,7 @@
 
 ``extract.proj`` may be a curvature-aware projection (``pca16x16``, ``pcamix16x16``, ``kfac16x16``: never with
 ``@DIR``) and ``score.methods`` may hold ``kfac`` / ``ekfac``. Then each seed runs a **factor pass**
-(:func:`fastinf.extraction.factors.fit_factors`) on its (noisy) train split with the scored checkpoint, once,
+(``stages.stage_factors``: :func:`fastinf.extraction.factors.fit_factors`) on its (noisy) train split with the scored checkpoint, once,
 into ``seed-<s>/stores/factors/`` (a cached stage; an interrupted pass resumes, a pass of another checkpoint is
 replaced). Its fingerprint is part of the extraction stages' dependencies, and every store records it, so a
 refit re-extracts and stores of other factors are refused when scored.
@@ -10,9 +10,10 @@ refit re-extracts and stores of other factors are refused when scored.
 Each method scores the stores of the projection it needs (:func:`method_projection`): ``kfac`` the
 ``kfac{K}`` stores (its inverse is folded into the features), ``ekfac`` the ``pca{K}`` (eigenbasis) stores,
 the others ``extract.proj``. When that differs from ``extract.proj`` the extra pair is extracted under
-``seed-<s>/stores/<proj>/`` (:func:`extract_method_stores`); :func:`stores_for` hands each scoring path the
+``seed-<s>/stores/<proj>/`` (``stages.extract_method_stores``); :func:`stores_for` hands each scoring path the
 right pair. The per-unit scores then go through the same fused / two-stage aggregation, Rank / Vote, groups
-and report as every other method. This module imports no run config (the config's checks call it).
+and report as every other method. The two stages themselves (``stage_factors``, ``extract_method_stores``)
+live in :mod:`.stages`; this module holds the pure rules and imports no run config (the config's checks call it).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastinf.errors import ConfigError, StoreError
+from fastinf.errors import ConfigError
 
 __all__ = ["check_run_projection", "check_run_methods", "method_projection", "needs_factors", "factors_dir",
-           "run_proj", "stage_factors", "factor_deps", "extract_method_stores", "stores_for"]
+           "run_proj", "factor_deps", "stores_for"]
 
 _PROJ_RE = re.compile(r"^\s*(pca|pcamix|kfac)?\s*(\d+)\s*[xX×]\s*(\d+)\s*$", re.IGNORECASE)
 _CURVED_KINDS = ("pca", "pcamix", "kfac")
@@ -85,90 +86,12 @@ def run_proj(proj: str, sdir: Path) -> str:
     return f"{proj}@{factors_dir(sdir)}" if _split(proj)[0] in _CURVED_KINDS else proj
 
 
-def stage_factors(r: Any, ctx: Any) -> None:
-    """The factor pass of one seed (cached stage ``factors``) when the run needs one; sets ``ctx.timings``."""
-    from fastinf.experiment.stages import marker_hash
-
-    if not needs_factors(r.cfg):
-        return
-    ex = r.cfg.extract
-    deps = {"layers": ex.layers, "max_length": r.cfg.model.max_length, "batch_size": ex.batch_size,
-            "factor_samples": ex.factor_samples}
-
-    def do() -> dict[str, Any]:
-        return {"fingerprint": _fit(r, ctx).fingerprint}
-
-    m = r.stage(ctx.sdir, "factors", deps, do, upstream=[marker_hash(ctx.sdir, "train")])
-    ctx.timings["factors"] = ctx.timings.get("factors", 0.0) + m["seconds"]
-    r.echo(f"seed {ctx.seed}: K-FAC factors {m['fingerprint'][:12]} ({m['seconds']:.1f}s)")
-
-
-def _fit(r: Any, ctx: Any) -> Any:
-    """Fit (or resume) the seed's factors; a factor set of another checkpoint or request is replaced."""
-    from fastinf.extraction.factors import fit_factors
-
-    model, tok = ctx.model()
-    ex = r.cfg.extract
-    kw = dict(layers=ex.layers, max_length=r.cfg.model.max_length, batch_size=ex.batch_size,
-              max_samples=ex.factor_samples, progress=r.progress)
-    out = factors_dir(ctx.sdir)
-    try:
-        return fit_factors(model, tok, ctx.noisy_train, out, resume=True, **kw)
-    except (ConfigError, StoreError):      # factors of an earlier checkpoint / request (fastinf's own): refit
-        if not out.exists():
-            raise
-        return fit_factors(model, tok, ctx.noisy_train, out, overwrite=True, **kw)
-
-
 def factor_deps(ctx: Any) -> dict[str, Any]:
     """Extraction-stage dependencies on the factors: their fingerprint (empty when the seed has none)."""
     from fastinf.extraction.factors_format import read_manifest
 
     m = read_manifest(factors_dir(ctx.sdir)) if factors_dir(ctx.sdir).is_dir() else None
     return {"factors": m["fingerprint"]} if m is not None and m.get("complete") else {}
-
-
-def extract_method_stores(r: Any, ctx: Any) -> None:
-    """Extract the stores of every projection some method needs besides ``extract.proj`` (cached stages),
-    into ``ctx.stores[proj]`` (``{"train": ..., "test": ...}``); their markers join ``ctx.upstream``."""
-    from fastinf.store import GradientStore
-
-    main = r.cfg.extract.proj
-    extra = sorted({method_projection(main, m) for m in r.cfg.score.methods} - {main})
-    for proj in extra:
-        for split, ds in (("train", ctx.noisy_train), ("test", ctx.test)):
-            _extract_one(r, ctx, proj, split, ds)
-        ctx.stores[proj] = {s: GradientStore.open(ctx.sdir / "stores" / proj / s) for s in ("train", "test")}
-
-
-def _extract_one(r: Any, ctx: Any, proj: str, split: str, ds: Any) -> None:
-    """One cached, resumable extraction stage ``extract_<proj>_<split>``."""
-    from fastinf.experiment.config_io import to_dict
-    from fastinf.experiment.stages import marker_hash
-    from fastinf.extraction.extract import extract
-
-    ex = r.cfg.extract
-    deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")}, "proj": proj,
-            "max_length": r.cfg.model.max_length, **factor_deps(ctx)}
-    path = ctx.sdir / "stores" / proj / split
-
-    def do() -> dict[str, Any]:
-        model, tok = ctx.model()
-        resume = (path / "manifest.json").exists()
-        kw = dict(layers=ex.layers, proj=run_proj(proj, ctx.sdir), dtype=ex.dtype, batch_size=ex.batch_size,
-                  max_length=r.cfg.model.max_length, seed=0, progress=r.progress)
-        try:
-            extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
-        except StoreError:          # an interrupted store that cannot be resumed: start over
-            if not resume:
-                raise
-            extract(model, tok, ds, path, overwrite=True, **kw)
-        return {}
-
-    name = f"extract_{proj}_{split}"
-    m = r.stage(ctx.sdir, name, deps, do, upstream=[marker_hash(ctx.sdir, "train")])
-    ctx.timings[f"extract_{split}"] = ctx.timings.get(f"extract_{split}", 0.0) + m["seconds"]
-    ctx.upstream = list(ctx.upstream) + [marker_hash(ctx.sdir, name)]
 
 
 def stores_for(cfg: Any, stores: dict[str, Any], method: str) -> tuple[Any, Any]:

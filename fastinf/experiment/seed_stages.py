@@ -18,11 +18,11 @@ from fastinf.data.noise import NoiseResult, inject_noise, load_noise
 from fastinf.experiment.checkpoint_methods import CHECKPOINT_METHODS, score_checkpoint_method, stage_checkpoint_stores
 from fastinf.experiment.config import to_dict
 from fastinf.experiment.costs import apportion_score_time, itemsize, measure_group_costs
-from fastinf.experiment.curvature_stage import extract_method_stores, factor_deps, run_proj, stage_factors, stores_for
+from fastinf.experiment.curvature_stage import factor_deps, run_proj, stores_for
 from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups, uses_fused
 from fastinf.experiment.retrain import filter_retrain
 from fastinf.experiment.rundir import clear_own_dir
-from fastinf.experiment.stages import StageRunner, marker_hash
+from fastinf.experiment.stages import StageRunner, extract_method_stores, marker_hash, stage_factors
 from fastinf.errors import StoreError
 
 __all__ = ["SeedRun", "run_seed"]

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fastinf.errors import ConfigError, StoreError
 from fastinf.experiment.config import RunConfig, config_hash
+from fastinf.experiment.curvature_stage import factor_deps, factors_dir, method_projection, needs_factors, run_proj
 
-__all__ = ["StageRunner"]
+__all__ = ["StageRunner", "stage_factors", "extract_method_stores"]
 
 _DONE = ".done.json"
 
@@ -82,3 +84,82 @@ class StageRunner:
         info = fn() or {}
         self.ran.append(label)
         return _mark(stage_dir, name, digest, time.perf_counter() - t0, self.run_hash, **info)
+
+
+# ----------------------------------------------------------------------------------------------
+# the curvature-aware stages of a seed (kfac / ekfac, pca / pcamix / kfac projections: curvature_stage)
+
+
+def stage_factors(r: Any, ctx: Any) -> None:
+    """The factor pass of one seed (cached stage ``factors``) when the run needs one; sets ``ctx.timings``."""
+    if not needs_factors(r.cfg):
+        return
+    ex = r.cfg.extract
+    deps = {"layers": ex.layers, "max_length": r.cfg.model.max_length, "batch_size": ex.batch_size,
+            "factor_samples": ex.factor_samples}
+
+    def do() -> dict[str, Any]:
+        return {"fingerprint": _fit(r, ctx).fingerprint}
+
+    m = r.stage(ctx.sdir, "factors", deps, do, upstream=[marker_hash(ctx.sdir, "train")])
+    ctx.timings["factors"] = ctx.timings.get("factors", 0.0) + m["seconds"]
+    r.echo(f"seed {ctx.seed}: K-FAC factors {m['fingerprint'][:12]} ({m['seconds']:.1f}s)")
+
+
+def _fit(r: Any, ctx: Any) -> Any:
+    """Fit (or resume) the seed's factors; a factor set of another checkpoint or request is replaced."""
+    from fastinf.extraction.factors import fit_factors
+
+    model, tok = ctx.model()
+    ex = r.cfg.extract
+    kw = dict(layers=ex.layers, max_length=r.cfg.model.max_length, batch_size=ex.batch_size,
+              max_samples=ex.factor_samples, progress=r.progress)
+    out = factors_dir(ctx.sdir)
+    try:
+        return fit_factors(model, tok, ctx.noisy_train, out, resume=True, **kw)
+    except (ConfigError, StoreError):      # factors of an earlier checkpoint / request (fastinf's own): refit
+        if not out.exists():
+            raise
+        return fit_factors(model, tok, ctx.noisy_train, out, overwrite=True, **kw)
+
+
+def extract_method_stores(r: Any, ctx: Any) -> None:
+    """Extract the stores of every projection some method needs besides ``extract.proj`` (cached stages),
+    into ``ctx.stores[proj]`` (``{"train": ..., "test": ...}``); their markers join ``ctx.upstream``."""
+    from fastinf.store import GradientStore
+
+    main = r.cfg.extract.proj
+    extra = sorted({method_projection(main, m) for m in r.cfg.score.methods} - {main})
+    for proj in extra:
+        for split, ds in (("train", ctx.noisy_train), ("test", ctx.test)):
+            _extract_one(r, ctx, proj, split, ds)
+        ctx.stores[proj] = {s: GradientStore.open(ctx.sdir / "stores" / proj / s) for s in ("train", "test")}
+
+
+def _extract_one(r: Any, ctx: Any, proj: str, split: str, ds: Any) -> None:
+    """One cached, resumable extraction stage ``extract_<proj>_<split>``."""
+    from fastinf.experiment.config_io import to_dict
+    from fastinf.extraction.extract import extract
+
+    ex = r.cfg.extract
+    deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")}, "proj": proj,
+            "max_length": r.cfg.model.max_length, **factor_deps(ctx)}
+    path = ctx.sdir / "stores" / proj / split
+
+    def do() -> dict[str, Any]:
+        model, tok = ctx.model()
+        resume = (path / "manifest.json").exists()
+        kw = dict(layers=ex.layers, proj=run_proj(proj, ctx.sdir), dtype=ex.dtype, batch_size=ex.batch_size,
+                  max_length=r.cfg.model.max_length, seed=0, progress=r.progress)
+        try:
+            extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
+        except StoreError:          # an interrupted store that cannot be resumed: start over
+            if not resume:
+                raise
+            extract(model, tok, ds, path, overwrite=True, **kw)
+        return {}
+
+    name = f"extract_{proj}_{split}"
+    m = r.stage(ctx.sdir, name, deps, do, upstream=[marker_hash(ctx.sdir, "train")])
+    ctx.timings[f"extract_{split}"] = ctx.timings.get(f"extract_{split}", 0.0) + m["seconds"]
+    ctx.upstream = list(ctx.upstream) + [marker_hash(ctx.sdir, name)]

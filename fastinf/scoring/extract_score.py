@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from fastinf.errors import NonFiniteError
-from fastinf.scoring.extract_score_setup import STREAM_METHODS, _Job, prepare_job
+from fastinf.scoring.extract_score_setup import CURVATURE_STREAM_METHODS, STREAM_METHODS, _Job, prepare_job
 from fastinf.scoring.scores import ScoreSet
 
-__all__ = ["score_while_extracting", "STREAM_METHODS"]
+__all__ = ["score_while_extracting", "STREAM_METHODS", "CURVATURE_STREAM_METHODS"]
 
 
 def score_while_extracting(model: torch.nn.Module, tokenizer: Any, train_data: Any, test: Any,
@@ -68,7 +68,7 @@ def score_while_extracting(model: torch.nn.Module, tokenizer: Any, train_data: A
         model, tokenizer: the model the test store was extracted with (its fingerprint is checked).
         train_data: the train dataset (TextDataset, a spec such as a file path or ``"sms"``, rows, ...).
         test: the test GradientStore (or its path); its projection, seed, task and max_length are used.
-        method: one of :data:`STREAM_METHODS`. ``layers``: unit selector over the test store's units.
+        method: one of :data:`STREAM_METHODS` or :data:`CURVATURE_STREAM_METHODS`. ``layers``: unit selector over the test store's units.
         out: the score-set directory (None: a temporary one removed with the returned object).
         keep_store: also write the train GradientStore there (the one ``extract`` would write).
         preconditioner_from: for if / datainf / lissa: a fitted train store to take the curvature from.

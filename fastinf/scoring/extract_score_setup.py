@@ -18,9 +18,10 @@ import torch
 
 from fastinf.errors import ConfigError, StoreMismatchError
 
-__all__ = ["STREAM_METHODS", "prepare_job"]
+__all__ = ["STREAM_METHODS", "CURVATURE_STREAM_METHODS", "prepare_job"]
 
-STREAM_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa", "kfac", "ekfac")
+STREAM_METHODS = ("graddot", "gradcos", "tracin", "if", "datainf", "lissa")   # on any test store
+CURVATURE_STREAM_METHODS = ("kfac", "ekfac")    # on kfac / pca (eigenbasis) test stores, with their factors
 _CURVED = ("if", "datainf", "lissa", "ekfac")   # need the train curvature first (kfac: folded into the features)
 _SCORE_BUFFER_BYTES = 256 << 20   # the score columns of one chunk (all units), by default
 
@@ -125,9 +126,10 @@ def prepare_job(model: Any, tokenizer: Any, train_data: Any, test: Any, method: 
 def _check_options(method: str, out: Any, keep_store: Any, preconditioner_from: Any, resume: bool,
                    overwrite: bool) -> None:
     """Refuse what this path cannot do, naming what to use instead."""
-    if method not in STREAM_METHODS:
+    if method not in STREAM_METHODS + CURVATURE_STREAM_METHODS:
         raise ConfigError(f"method {method!r} cannot score while extracting (supported: "
-                          f"{', '.join(STREAM_METHODS)}); extract a train store and use fastinf.score")
+                          f"{', '.join(STREAM_METHODS + CURVATURE_STREAM_METHODS)}); extract a train store and use "
+                          "fastinf.score")
     if method in _CURVED and preconditioner_from is None:
         raise ConfigError(f"method {method!r} needs the train curvature before the first score: pass "
                           "preconditioner_from=<a train GradientStore of this model> (CLI --precondition-from), "
