@@ -84,3 +84,14 @@ def test_selfinf_equals_fastinf_score_on_the_train_store(run):
         assert np.array_equal(np.asarray(got.unit_scores(u)), np.asarray(ref.unit_scores(u)))
     we = ScoreSet.open(sdir / "scores" / "tracin_we")
     assert [u.kind for u in we.units] == ["embedding"]
+
+
+def test_the_two_stage_path_gives_the_same_metric_rows(run, tmp_path):
+    """score.fused: false scores the checkpoint methods in the score stage: the same rows as the fused run."""
+    root, _ = run
+    cfg = RunConfig.from_yaml(root / "run" / "config.yaml")
+    cfg.score.fused = False
+    run_experiment(cfg.validate(), tmp_path / "two-stage")
+    pick = lambda p: sorted((r["method"], r["how"], r["group"], r["auc_ndr"])          # noqa: E731
+                            for r in json.loads(p.read_text()) if r["method"] in METHODS)
+    assert pick(tmp_path / "two-stage" / "seed-0" / "metrics.json") == pick(root / "run" / "seed-0" / "metrics.json")
