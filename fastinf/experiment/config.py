@@ -36,8 +36,7 @@ __all__ = [
     "config_hash", "from_dict", "to_dict", "demo_config",
 ]
 
-# per-unit train x test estimators run by `fastinf run` (tracin over epoch checkpoints, tracin_we, selfinf: checkpoint_methods.py)
-METHODS = ("graddot", "gradcos", "if", "datainf", "lissa", "tracin", "tracin_we", "selfinf")
+METHODS = ("graddot", "gradcos", "if", "datainf", "lissa", "tracin", "tracin_we", "selfinf")  # `fastinf run` estimators (checkpoint_methods.py: the last 3)
 METHODS = METHODS + ("kfac", "ekfac")   # curvature-aware: the run fits K-FAC factors itself (curvature_stage.py)
 BASELINES = ("loss", "random", "label_prior")
 AGGREGATIONS = ("mean", "rank", "vote", "median", "min_rank", "rrf", "zmean")
