@@ -5,7 +5,9 @@ query/key/value/dense, plus the head) on the packaged SMS spam messages (``bigra
 then every unit's per-sample gradients are extracted (16x16 projections), scored with graddot, gradcos
 and datainf against 160 held-out messages, aggregated with Mean/Rank/Vote over the first layer, each
 quartile, the last layer and all units, and evaluated by how many flipped labels land among the
-lowest-scored samples (NDR@30). Prints a compact table and where the report is. The experiment is
+lowest-scored samples (NDR@30). Prints a compact table, then the curated view (the 10 most detrimental
+training messages by the recommended layers: which are injected flips, which look like real mislabels of
+the SMS set; :mod:`fastinf.curation.run_suspects`), and where the report is. The experiment is
 :func:`fastinf.experiment.config.demo_config`; ``configs/sms_demo.yaml`` is the same as a config file.
 """
 from __future__ import annotations
@@ -59,6 +61,22 @@ def run(args: argparse.Namespace) -> int:
     res = run_experiment(cfg, echo=echo, overwrite=args.overwrite)
     print()
     print(compact_table(res.results))
+    _print_suspects(cfg, res.results)
     print(f"\nreport: {res.report.markdown} (and {res.report.html.name}, layer plots, results.json/.parquet) "
           f"- {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def _print_suspects(cfg, results: dict) -> None:
+    """The curated section: the run's 10 most detrimental training messages, which of them are injected
+    flips, and which look like real mislabels of SMS spam (:mod:`fastinf.curation.run_suspects`)."""
+    from fastinf.curation.run_suspects import format_suspects, run_suspects
+    from fastinf.errors import FastinfError
+
+    try:
+        suspects, summary = run_suspects(cfg, results, top=10)
+    except (FastinfError, OSError) as e:          # e.g. a run that stopped before extraction
+        print(f"\n(curated view skipped: {e})")
+        return
+    print()
+    print(format_suspects(suspects, summary))
