@@ -28,6 +28,7 @@ import yaml
 
 from fastinf.errors import ConfigError
 from fastinf.experiment.config_io import config_hash, from_dict, to_dict
+from fastinf.experiment.curvature_stage import check_run_methods, check_run_projection
 from fastinf.experiment.retrain_config import RetrainGridConfig
 
 __all__ = [
@@ -219,8 +220,6 @@ class ExtractConfig:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1,
                  f"extract.batch_size must be an integer >= 1; got {self.batch_size!r}")
         _one_of(self.dtype, DTYPES, "extract.dtype")
-        from fastinf.experiment.curvature_stage import check_run_projection
-
         check_run_projection(self.proj, self.factor_samples)   # 16x16 | exact | pca16x16 | pcamix16x16 | kfac16x16
 
 
@@ -341,8 +340,6 @@ class RunConfig:
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct; got {self.seeds}")
         _require(self.evaluate.recommend_by != "lds" or self.lds is not None,
                  "evaluate.recommend_by: lds needs an lds: section (the datamodel retrains that measure it)")
-        from fastinf.experiment.curvature_stage import check_run_methods
-
         check_run_methods(self.extract.proj, self.score.methods)   # kfac / ekfac need a Kronecker projection
 
     def validate(self) -> "RunConfig":
