@@ -259,4 +259,6 @@ def test_example_configs_parse_and_the_demo_config_matches_the_embedded_one():
     cfgs = {p.stem: RunConfig.from_yaml(p) for p in paths}
     assert cfgs["sms_demo"] == demo_config(cfgs["sms_demo"].out)
     lora = cfgs["paper_sst2"].train.lora
-    assert (lora.r, lora.alpha, lora.target_modules) == (4, 4.0, ["query", "value"])
+    # the paper configs' recipe (issue 15: models that learn): LoRA r=8 on attention and dense, lr: auto
+    assert (lora.r, lora.alpha, lora.target_modules) == (8, 8.0, ["query", "key", "value", "dense"])
+    assert cfgs["paper_sst2"].train.lr == "auto" and cfgs["paper_sst2"].data.heldout != "shared"

@@ -14,7 +14,6 @@ which is how the report puts LDS next to NDR (table, layer plots, recommendation
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +38,9 @@ def lds_rows(cfg: RunConfig, seed: int, sdir: Path, noisy_train: Any, test: Any,
     from fastinf.scoring.scores import ScoreSet
 
     c = cfg.lds
-    tcfg = cfg.train if c.epochs is None else replace(cfg.train, epochs=c.epochs)
+    from fastinf.experiment.retrain_grid import seed_recipe
+
+    tcfg = seed_recipe(cfg, sdir, c.epochs)       # lr: auto -> the rate the seed's sweep chose
     truth = datamodels(cfg.model, tcfg, noisy_train, test, sdir / "datamodels", m=c.m, alpha=c.alpha, seed=c.seed,
                        train_seed=seed, workers=c.workers, n_classes=n_classes, progress=progress, echo=echo)
     kw = {"n_boot": c.n_boot, "seed": seed,   # correct_only: LDS over the tests the scored model gets right

@@ -6,7 +6,6 @@ exactly the noisy ones (``oracle``); each retrained model's held-out accuracy an
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ __all__ = ["filter_retrain"]
 def filter_retrain(cfg: RunConfig, seed: int, sdir: Path, noisy_train, test, noise: NoiseResult, stores,
                    groups) -> list[dict[str, Any]]:
     """Retrain after removing the lowest p% (influence), as many random samples, or the noisy ones."""
+    from fastinf.experiment.retrain_grid import seed_recipe
     from fastinf.experiment.train import evaluate_model, finetune, load_checkpoint
 
     fr = cfg.evaluate.filter_retrain
@@ -30,7 +30,7 @@ def filter_retrain(cfg: RunConfig, seed: int, sdir: Path, noisy_train, test, noi
     k = int(round(fr.p / 100 * n))
     scores = _filter_scores(cfg, seed, sdir, stores, groups)
     removals = _removals(scores, noise, n, k, seed)
-    tcfg = cfg.train if fr.epochs is None else replace(cfg.train, epochs=fr.epochs)
+    tcfg = seed_recipe(cfg, sdir, fr.epochs)      # lr: auto -> the rate the seed's sweep chose
     rows = []
     for strategy, drop in removals.items():
         keep = np.setdiff1d(np.arange(n), drop)

@@ -209,10 +209,15 @@ def _setting_row(cfg: RunConfig, s: Setting, seed: int, drop: np.ndarray, mask: 
 
 
 def _grid_recipe(cfg: RunConfig, sdir: Path) -> Any:
-    """The run's fine-tuning recipe (``epochs`` shortened by the grid's) with ``lr: auto`` pinned to the rate the
-    seed's sweep chose (``train/lr_sweep.json``), so every setting retrains with the run's learning rate."""
-    g = cfg.evaluate.retrain_grid
-    tcfg = cfg.train if g.epochs is None else replace(cfg.train, epochs=g.epochs)
+    """The run's fine-tuning recipe (``epochs`` shortened by the grid's), ``lr: auto`` pinned (:func:`seed_recipe`)."""
+    return seed_recipe(cfg, sdir, cfg.evaluate.retrain_grid.epochs)
+
+
+def seed_recipe(cfg: RunConfig, sdir: Path, epochs: int | None = None) -> Any:
+    """The run's fine-tuning recipe for a retrain of seed directory ``sdir`` (``epochs`` overridden if given)
+    with ``lr: auto`` pinned to the rate the seed's sweep chose (``train/lr_sweep.json``), so that every retrain
+    (grid, filter-and-retrain, datamodels) uses the run's learning rate instead of sweeping again."""
+    tcfg = cfg.train if epochs is None else replace(cfg.train, epochs=epochs)
     if tcfg.lr == "auto":
         try:
             chosen = json.loads((sdir / "train" / "lr_sweep.json").read_text())["chosen"]

@@ -107,12 +107,20 @@ def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
     """Fine-tune on the noisy labels; ``ctx.best_path`` (the scored checkpoint) and ``ctx.train_info``."""
     from fastinf.experiment.train import TrainResult, finetune
 
+    from fastinf.experiment.learned import require_learned_result  # learned-or-refuse (evaluate.require_learned)
+    from fastinf.experiment.splits import load_named_splits
+
     cfg = r.cfg
+    # data.heldout: the checkpoint is picked (and early stopping / lr: auto judged) on the selection split and
+    # learned-or-refuse measured on the evaluation split; with "shared" all three are the influence set
+    splits = load_named_splits(cfg)
+    shared = cfg.data.heldout == "shared"
+    select, evaluation = (ctx.test, None) if shared else (splits.select, splits.evaluation)
 
     def do() -> dict[str, Any]:
         clear_own_dir(ctx.sdir / "train", "train")      # an earlier (or interrupted) fine-tune of this seed
-        res = finetune(cfg.model, cfg.train, ctx.noisy_train, ctx.test, ctx.sdir / "train", seed=ctx.seed,
-                       n_classes=ctx.noise.n_classes, progress=r.progress)
+        res = finetune(cfg.model, cfg.train, ctx.noisy_train, select, ctx.sdir / "train", seed=ctx.seed,
+                       n_classes=ctx.noise.n_classes, progress=r.progress, evaluation=evaluation)
         return {"best_epoch": res.best_epoch}
 
     deps = {"model": to_dict(cfg.model), "train": to_dict(cfg.train)}
@@ -124,8 +132,7 @@ def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
            f"(held-out loss {best.heldout_loss:.4f}, acc {best.heldout_acc:.3f})")
     ctx.train_info = {"seed": ctx.seed, "best_epoch": best.epoch, "heldout_loss": best.heldout_loss,
                       "heldout_acc": best.heldout_acc, "seconds": tr.seconds, "lr_log": tr.lr_log()}
-    from fastinf.experiment.learned import require_learned  # learned-or-refuse (evaluate.require_learned)
-    ctx.train_info["learned"] = require_learned(r.cfg, ctx.seed, best.heldout_acc, ctx.test.labels, r.echo)
+    ctx.train_info["learned"] = require_learned_result(cfg, ctx.seed, tr, select.labels, r.echo)
 
 
 def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
