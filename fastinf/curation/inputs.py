@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class CurationData:
     reference: Any              # TextDataset of the reference samples
     held_out: np.ndarray        # int64 row positions of ``full`` held out as reference (may be empty)
 
-    @property
+    @functools.cached_property
     def train(self) -> Any:
         """The scored rows as a TextDataset (ids = their row positions in the source)."""
         return self.full if len(self.scored) == len(self.full) else self.full.subset(self.scored)
