@@ -85,6 +85,12 @@ def _metric_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str], 
     return _Table(title, ["method", "aggregation", "group"] + list(metrics), rows, note)
 
 
+def _per_method(c: Mapping[str, Any]) -> str:
+    """``graddot 0.012, kfac 0.020``: the group's share of each method's measured scoring time."""
+    parts = [f"{k[len('score_s.'):]} {v:.3f}" for k, v in c.items() if k.startswith("score_s.") and v is not None]
+    return ", ".join(parts) or "n/a"
+
+
 def _cost_table(costs: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | None, metric: str) -> _Table:
     quality = {c["group"]: c for c in (rec or {}).get("candidates", [])}
     rows = []
@@ -94,16 +100,18 @@ def _cost_table(costs: Sequence[Mapping[str, Any]], rec: Mapping[str, Any] | Non
                      f"{100 * c['extract_share']:.1f}%" if c.get("extract_share") is not None else "n/a",
                      f"{c['extract_s_per_1k']:.2f}" if c.get("extract_s_per_1k") is not None else "n/a",
                      f"{c['score_s']:.3f}" if c.get("score_s") is not None else "n/a",
+                     _per_method(c), f"{c['factor_s']:.2f}" if c.get("factor_s") is not None else "n/a",
                      f"{q['quality']:.3f} ({q['method']}/{q['how']})" if q else "n/a",
                      f"{q['efficiency']:.2f}" if q else "n/a"])
     return _Table("Cost of each layer group next to its quality",
                   ["group", "units", "bytes/sample", "extraction share", "extract s / 1k samples",
-                   "scoring s", f"best {metric}", "lift per cost"], rows,
+                   "scoring s", "scoring s per method", "factor pass s", f"best {metric}", "lift per cost"], rows,
                   "Extraction time is measured per group (forward + backward to the group's earliest unit + "
                   "its projections) on a sample of the training set, fastest of a few repetitions, relative "
                   "to all units; bytes/sample is the stored "
                   "feature size; scoring time is the measured scoring time of all methods apportioned by "
-                  "feature dimension. Lift per cost = (best metric - chance) / extraction share.")
+                  "feature dimension (also per method); the factor pass (kfac / ekfac / pca projections) is split by "
+                  "extraction share. Lift per cost = (best metric - chance) / extraction share.")
 
 def _filter_retrain_table(fr: Sequence[Mapping[str, Any]]) -> _Table | None:
     if not fr:
