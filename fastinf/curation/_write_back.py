@@ -96,7 +96,11 @@ def _in_memory(source: Any, tmp: Path, keep: np.ndarray, extra: dict[str, Any]) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if hasattr(source, "data") and hasattr(source, "column_names") and not isinstance(source, pa.Table):
+    if hasattr(source, "texts") and hasattr(source, "fingerprint"):          # a fastinf TextDataset
+        cols = {"text": source.texts, **({"text_pair": source.text_pairs} if source.text_pairs else {}),
+                **({"label": np.asarray(source.labels)} if source.labels is not None else {})}
+        table = pa.table(cols)
+    elif hasattr(source, "data") and hasattr(source, "column_names") and not isinstance(source, pa.Table):
         table = source.data.table if hasattr(source.data, "table") else pa.table(source.to_dict())
     elif isinstance(source, pa.Table):
         table = source

@@ -142,9 +142,11 @@ def _run(out: Path, data: Any, model: Any, recipe: Any, opts: dict[str, Any], se
     stores = stage_extract(r, out, data, model_path, opts)
     say(f"stores: {stores[0].n} train and {stores[1].n} reference samples ({opts['layers']})")
     score = stage_influence(r, out, stores, opts)
-    n_flag = n_lowest(opts["drop_lowest"] if opts["drop_lowest"] is not None else opts["flag_lowest"],
+    n_flag = n_lowest(opts["flag_lowest"] if opts["flag_lowest"] is not None else opts["drop_lowest"],
                       len(score))
     ranking = rank_scores(np.asarray(stores[0].meta.ids, np.int64), score, n_flag)
-    res = write_outputs(r, out, data, stores, ranking, opts, top=top, n_tests=n_tests, model=model_path)
-    res.ran, res.cached, res.settings = list(r.ran), list(r.cached), request
-    return res
+    keep, cleaned, flagged = write_outputs(r, out, data, stores, ranking, opts, top=top, n_tests=n_tests,
+                                           model=model_path)
+    return CurationResult(out=out, results=out / "results.parquet", report_md=out / "report.md",
+                          report_html=out / "report.html", ranking=ranking, keep=keep, cleaned=cleaned,
+                          flagged=flagged, settings=request, ran=list(r.ran), cached=list(r.cached))

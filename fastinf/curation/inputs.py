@@ -67,8 +67,13 @@ def load_source(source: Any, what: str = "train") -> Any:
     elif type(source).__module__.startswith("pyarrow") and hasattr(source, "to_pydict"):
         source = source.to_pydict()
     ds = as_text_dataset(source)
-    ds.ids = np.arange(len(ds), dtype=np.int64)
-    return ds
+    rows = np.arange(len(ds), dtype=np.int64)
+    if np.array_equal(ds.ids, rows):
+        return ds
+    from fastinf.data import TextDataset
+
+    return TextDataset(texts=ds.texts, labels=ds.labels, text_pairs=ds.text_pairs, ids=rows, name=ds.name,
+                       label_names=ds.label_names)        # a copy: the caller's dataset keeps its ids
 
 
 def _n_reference(n: int, fraction: float | None, rows: int | None) -> int:

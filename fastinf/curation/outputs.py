@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from fastinf.curation.report import ReportData, build_entries, histograms, write_report
-from fastinf.curation.table import Ranking, annotations, output_name, write_dataset, write_results
+from fastinf.curation.table import Ranking, annotations, n_lowest, output_name, write_dataset, write_results
 
 __all__ = ["write_outputs", "report_data"]
 
@@ -54,15 +54,15 @@ def _settings(data: Any, ranking: Ranking, opts: dict[str, Any], model: str) -> 
 
 
 def write_outputs(r: Any, out: Path, data: Any, stores: tuple[Any, Any], ranking: Ranking, opts: dict[str, Any],
-                  *, top: int, n_tests: int, model: str) -> Any:
-    """Write results.parquet, cleaned / flagged datasets and the report (cached stage ``write``)."""
-    from fastinf.curation.curate import CurationResult
+                  *, top: int, n_tests: int, model: str) -> tuple[np.ndarray, Path | None, Path | None]:
+    """Write results.parquet, cleaned / flagged datasets and the report (cached stage ``write``); returns
+    the keep mask over the input rows and the written dataset paths."""
     from fastinf.experiment.stages import marker_hash
 
     n = len(data.full)
     keep = np.ones(n, bool)
-    if opts["drop_lowest"] is not None:
-        keep[ranking.rows[ranking.flagged]] = False
+    if opts["drop_lowest"] is not None:                 # the lowest drop_lowest percent (flagged may differ)
+        keep[ranking.rows[ranking.rank <= n_lowest(opts["drop_lowest"], len(ranking.rows))]] = False
     cleaned = out / output_name(data.source, "cleaned") if opts["drop_lowest"] is not None else None
     flagged = out / output_name(data.source, "flagged") if opts["flag_lowest"] is not None else None
 
@@ -79,6 +79,4 @@ def write_outputs(r: Any, out: Path, data: Any, stores: tuple[Any, Any], ranking
 
     deps = {k: opts[k] for k in ("drop_lowest", "flag_lowest")} | {"top": top, "n_tests": n_tests, "v": 1}
     r.stage(out, "write", deps, do, upstream=[marker_hash(out, "influence")])
-    return CurationResult(out=out, results=out / "results.parquet", report_md=out / "report.md",
-                          report_html=out / "report.html", ranking=ranking, keep=keep, cleaned=cleaned,
-                          flagged=flagged)
+    return keep, cleaned, flagged

@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["influence_scores", "per_test_scores", "group_units"]
+__all__ = ["influence_scores", "per_test_scores", "group_units", "BLOCK_BYTES", "SLAB_BYTES"]
+
+# Memory of the fused pass: the slabs of one set of test blocks (and their rank buffers, a few times the
+# slabs) stay within a few hundred MB at any N; a train block is re-read once per set, which for the one
+# group curate extracts costs far less than the extraction itself.
+BLOCK_BYTES = 32 << 20
+SLAB_BYTES = 128 << 20
 
 
 def group_units(store: Any, group: str) -> list[str]:
@@ -36,7 +42,8 @@ def influence_scores(train: Any, reference: Any, *, method: str, how: str, group
     from fastinf.scoring.fused import influence
 
     res = influence(reference, train, method, how, {"curate": group}, damping=damping, vote_p=vote_p,
-                    out=out, resume=resume, overwrite=overwrite, commit_s=30.0, progress=progress)
+                    out=out, resume=resume, overwrite=overwrite, commit_s=30.0, progress=progress,
+                    block_bytes=BLOCK_BYTES, slab_bytes=SLAB_BYTES)
     return np.asarray(res.scores[("curate", how)], dtype=np.float64)
 
 
