@@ -126,18 +126,22 @@ def test_fused_mean_scores_equal_a_literal_numpy_reference(model_dir, tmp_path) 
     assert res.cleaned is None and res.flagged is None
 
 
-@pytest.mark.parametrize("kind", ["datasets", "arrow", "rows"])
+@pytest.mark.parametrize("kind", ["datasets", "arrow", "rows", "textdataset"])
 def test_in_memory_sources_are_written_as_parquet(kind, model_dir, tmp_path) -> None:
     import datasets
 
     from fastinf.curation.curate import curate
+    from fastinf.data import TextDataset
 
     cols = columns(24)
     source = {"datasets": lambda: datasets.Dataset.from_dict(cols), "arrow": lambda: pa.table(cols),
-              "rows": lambda: [{k: v[i] for k, v in cols.items()} for i in range(24)]}[kind]()
+              "rows": lambda: [{k: v[i] for k, v in cols.items()} for i in range(24)],
+              "textdataset": lambda: TextDataset(texts=cols["text"], labels=np.array(cols["label"]))}[kind]()
     res = curate(source, model_dir, out=tmp_path / "out", reference_rows=4, drop_lowest=25, max_length=16)
     assert res.cleaned.name == "cleaned.parquet"
     back = pq.read_table(res.cleaned).to_pydict()
     dropped = set(res.ranking.rows[res.ranking.rank <= 5].tolist())
-    assert back["uid"] == [u for i, u in enumerate(cols["uid"]) if i not in dropped] and len(back["uid"]) == 19
+    assert len(back["text"]) == 19 and back["text"] == [t for i, t in enumerate(cols["text"]) if i not in dropped]
+    if kind != "textdataset":
+        assert back["uid"] == [u for i, u in enumerate(cols["uid"]) if i not in dropped]
     assert np.array_equal(res.keep, [i not in dropped for i in range(24)])

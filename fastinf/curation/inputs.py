@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -24,7 +25,7 @@ import numpy as np
 
 from fastinf.errors import ConfigError, DataError
 
-__all__ = ["CurationData", "load_source", "split_reference", "is_hf_disk_dir", "resolve_model", "read_recipe"]
+__all__ = ["CurationData", "load_source", "texts_at", "split_reference", "is_hf_disk_dir", "resolve_model", "read_recipe"]
 
 
 @dataclass
@@ -52,28 +53,42 @@ def is_hf_disk_dir(path: Any) -> bool:
 
 
 def load_source(source: Any, what: str = "train") -> Any:
-    """``source`` as a TextDataset (ids = row positions); a one-line DataError for what cannot be read."""
+    """``source`` as a (possibly lazy, Arrow-backed) text dataset with ids = row positions; a one-line
+    DataError for what cannot be read. The caller's dataset object is never modified."""
     from fastinf.data import as_text_dataset
 
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source).expanduser()
-        if not p.exists():
-            raise DataError(f"{what} data {str(source)!r}: file not found; give a .parquet/.jsonl/.csv/.tsv file "
-                            "or a datasets save_to_disk directory")
-        if is_hf_disk_dir(p):
-            import datasets
-
-            source = datasets.load_from_disk(str(p))
-    elif type(source).__module__.startswith("pyarrow") and hasattr(source, "to_pydict"):
-        source = source.to_pydict()
-    ds = as_text_dataset(source)
+    if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists():
+        raise DataError(f"{what} data {str(source)!r}: file not found; give a .parquet/.jsonl/.csv/.tsv file "
+                        "or a datasets save_to_disk directory")
+    ds = as_text_dataset(_readable(source))
     rows = np.arange(len(ds), dtype=np.int64)
-    if np.array_equal(ds.ids, rows):
-        return ds
-    from fastinf.data import TextDataset
+    if not np.array_equal(ds.ids, rows):
+        ds = copy.copy(ds)                               # ids = row positions, on a copy
+        ds.ids = rows
+    return ds
 
-    return TextDataset(texts=ds.texts, labels=ds.labels, text_pairs=ds.text_pairs, ids=rows, name=ds.name,
-                       label_names=ds.label_names)        # a copy: the caller's dataset keeps its ids
+
+def _readable(source: Any) -> Any:
+    """What ``as_text_dataset`` reads: the source itself, or (for a data layer without lazy Arrow sources)
+    a save_to_disk directory loaded with ``datasets`` and a ``pyarrow.Table`` as a dict of columns."""
+    import fastinf.data as data
+
+    if hasattr(data, "write_like"):                      # the data layer reads every source itself
+        return source
+    if is_hf_disk_dir(source):
+        import datasets
+
+        return datasets.load_from_disk(str(source))
+    if type(source).__module__.startswith("pyarrow") and hasattr(source, "to_pydict"):
+        return source.to_pydict()
+    return source
+
+
+def texts_at(ds: Any, rows: np.ndarray) -> list[str]:
+    """The texts of ``rows`` (one Arrow take for a lazy dataset, list indexing otherwise)."""
+    if hasattr(ds, "text_batch"):
+        return ds.text_batch(np.asarray(rows, np.int64))[0]
+    return [ds.texts[int(i)] for i in rows]
 
 
 def _n_reference(n: int, fraction: float | None, rows: int | None) -> int:

@@ -8,8 +8,9 @@ order) and ``flagged`` (among the lowest ``P`` percent of ``--flag-lowest`` / ``
 Written datasets keep the input's format, every original column and row order: ``cleaned`` drops the
 lowest ``P`` percent of the scored rows (held-out reference rows are kept); ``flagged`` keeps all rows and
 adds ``fastinf_score``, ``fastinf_rank`` (0 = not scored), ``fastinf_flagged`` and ``fastinf_reference``.
-Both go through :func:`fastinf.data.write_like` when the data layer provides it, else through the
-private fallback :mod:`fastinf.curation._write_back`.
+Both go through :func:`fastinf.data.write_like` (a ``TextDataset`` passed in the API, which that refuses,
+goes through the private fallback :mod:`fastinf.curation._write_back`, which also covers a data layer
+without ``write_like``).
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def rank_scores(rows: np.ndarray, score: np.ndarray, n_flag: int) -> Ranking:
 
 def _columns(full: Any, r: Ranking, meta: Any) -> dict[str, Any]:
     """The results-table columns (besides ``id``) of the scored rows."""
-    texts = [full.texts[i] for i in r.rows]
+    from fastinf.curation.inputs import texts_at
+
+    texts = texts_at(full, r.rows)
     return {"text": texts, "label": np.asarray(full.labels, np.int64)[r.rows],
             "predicted_label": np.asarray(meta.pred, np.int64), "loss": np.asarray(meta.loss, np.float32),
             "score": r.score, "rank": r.rank, "flagged": r.flagged}
@@ -69,10 +72,9 @@ def write_results(path: Path, full: Any, r: Ranking, meta: Any) -> None:
     """Write ``results.parquet`` (atomically): via ``fastinf.data.results_table`` when available."""
     cols = _columns(full, r, meta)
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        from fastinf.data import results_table
-    except ImportError:
-        results_table = None
+    import fastinf.data as data
+
+    results_table = getattr(data, "results_table", None)
     if results_table is not None:
         results_table(r.rows, cols, as_="parquet", path=tmp)
     else:
@@ -95,10 +97,11 @@ def annotations(n: int, r: Ranking) -> dict[str, np.ndarray]:
 
 def write_dataset(source: Any, dest: Path, keep: np.ndarray, extra: dict[str, np.ndarray] | None) -> Path:
     """Write the input ``source`` (rows ``keep``, plus ``extra`` columns) to ``dest`` in its own format."""
-    try:
-        from fastinf.data import write_like
-    except ImportError:
-        from fastinf.curation._write_back import write_like
+    import fastinf.data as data
+    from fastinf.curation import _write_back
+
+    fallback = isinstance(source, data.TextDataset) or not hasattr(data, "write_like")   # TextDataset: API only
+    write_like = _write_back.write_like if fallback else data.write_like
     write_like(source, dest, keep=keep, extra_columns=extra or {}, overwrite=True)
     return dest
 
