@@ -77,3 +77,17 @@ def test_cli_reports_bad_input_on_one_line(src, tmp_path, capsys) -> None:
     assert rc == 2 and "--drop-lowest" in err or "drop_lowest" in err
     assert not (tmp_path / "o").exists()
     assert issubclass(DataError, FastinfError)
+
+
+def test_reference_labels_are_aligned_to_the_train_classes_or_refused(tmp_path) -> None:
+    from fastinf.curation.inputs import load_source, split_reference
+
+    pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "label": ["ham", "spam", "ham", "spam"]}),
+                   tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": ["e", "f"], "label": ["spam", "spam"]}), tmp_path / "ref.parquet")
+    pq.write_table(pa.table({"text": ["g"], "label": ["eggs"]}), tmp_path / "bad.parquet")
+    full = load_source(str(tmp_path / "train.parquet"))
+    data = split_reference(None, full, str(tmp_path / "ref.parquet"))
+    assert data.reference.labels.tolist() == [1, 1] and list(data.reference.label_names) == ["ham", "spam"]
+    with pytest.raises(DataError, match="not a class of the reference set"):
+        split_reference(None, full, str(tmp_path / "bad.parquet"))

@@ -80,3 +80,18 @@ def test_recipe_fine_tunes_once_and_flags_flipped_labels(model_dir, tmp_path) ->
     precision = len(flagged & noisy) / len(flagged)
     assert precision >= 2 * len(noisy) / len(res.ranking.rows), (precision, len(noisy))
     assert curate(src, None, **kw).ran == []
+
+
+def test_overwrite_clears_only_its_own_directory_and_starts_over(model_dir, tmp_path) -> None:
+    from fastinf.curation.curate import curate
+    from fastinf.errors import ConfigError
+
+    src = _source(tmp_path, n=24)
+    kw = dict(out=tmp_path / "out", reference_rows=4, max_length=16, drop_lowest=10)
+    first = curate(src, model_dir, **kw)
+    again = curate(src, model_dir, overwrite=True, **kw)
+    assert len(again.ran) == 4 and np.array_equal(again.ranking.score, first.ranking.score)
+    (tmp_path / "out" / "mine.txt").write_text("x")
+    with pytest.raises(ConfigError, match="mine.txt"):
+        curate(src, model_dir, overwrite=True, **kw)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "x" and (tmp_path / "out" / "results.parquet").is_file()

@@ -117,7 +117,9 @@ def split_reference(source: Any, full: Any, reference: Any = None, *, fraction: 
                           "train data (--reference-fraction F or --reference-rows N)")
     n = len(full)
     if reference is not None:
-        ref = load_source(reference, "reference")
+        from fastinf.data.labels import align_label_names
+
+        ref = align_label_names(load_source(reference, "reference"), full)   # string labels: the train's classes
         return CurationData(source, full, np.arange(n, dtype=np.int64), ref, np.zeros(0, np.int64))
     k = _n_reference(n, fraction, rows)
     held = np.sort(np.random.default_rng(seed).permutation(n)[:k]).astype(np.int64)
