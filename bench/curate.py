@@ -113,6 +113,7 @@ def child(a: argparse.Namespace) -> None:
 def run_size(n: int, tmp: Path, model: str, a: argparse.Namespace) -> dict:
     """Generate ``n`` rows, curate them in a child, and collect the figures."""
     data = tmp / f"rows{n}.parquet"
+    print(f"generating {n} synthetic rows (short texts, {NOISE:.0%} flipped labels) into {data.name}", flush=True)
     t0 = time.perf_counter()
     data_bytes = make_parquet(data, n)
     gen_s = time.perf_counter() - t0
