@@ -159,7 +159,7 @@ class LoraSettings:
 @dataclass
 class TrainConfig:
     """AdamW with linear warmup then cosine decay; one checkpoint per epoch. ``lr: auto`` runs a short sweep
-    over ``lr_sweep`` first (:func:`fastinf.experiment.train.choose_lr`); ``patience`` stops early; ``lora:
+    over ``lr_sweep`` first (:func:`fastinf.experiment.lr_auto.choose_lr`); ``patience`` stops early; ``lora:
     null`` is full fine-tuning, ``lora.r`` / ``lora.target_modules`` pick the adapters."""
 
     epochs: int = 3
