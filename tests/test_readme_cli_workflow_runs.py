@@ -23,7 +23,7 @@ SCALE = [
     (r"--k 100", "--k 5"),
 ]
 EXTRA = {"extract": ["--max-length", "24", "--no-progress", "--batch-size", "16"],
-         "score": ["--no-progress"]}
+         "score": ["--no-progress"], "curate": ["--max-length", "24", "--no-progress", "--batch-size", "16"]}
 
 
 def readme_cli_lines() -> list[str]:

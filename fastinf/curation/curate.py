@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastinf.curation.inputs import load_source, read_recipe, resolve_model, split_reference
+from fastinf.curation.inputs import load_source, packaged_path, read_recipe, resolve_model, split_reference
 from fastinf.curation.table import Ranking, check_percent, n_lowest, rank_scores
 from fastinf.curation.workdir import CurateDir
 from fastinf.errors import ConfigError
@@ -119,6 +119,7 @@ def curate(train: Any, model: Any = None, *, out: str | Path, reference: Any = N
         model = resolve_model(model)
     else:
         read_recipe(recipe, model)                                # a bad recipe fails before any work
+    train = packaged_path(train)                                 # "sms": the packaged demo file itself
     full = load_source(train)
     data = split_reference(train, full, reference, fraction=reference_fraction, rows=reference_rows, seed=seed)
     say = echo or (lambda msg: None)

@@ -25,7 +25,7 @@ import numpy as np
 
 from fastinf.errors import ConfigError, DataError
 
-__all__ = ["CurationData", "load_source", "texts_at", "split_reference", "is_hf_disk_dir", "resolve_model", "read_recipe"]
+__all__ = ["CurationData", "load_source", "packaged_path", "texts_at", "split_reference", "is_hf_disk_dir", "resolve_model", "read_recipe"]
 
 
 @dataclass
@@ -50,6 +50,16 @@ def is_hf_disk_dir(path: Any) -> bool:
         return False
     p = Path(path)
     return p.is_dir() and (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+
+
+def packaged_path(source: Any) -> Any:
+    """``"sms"`` (the packaged SMS spam set every other command accepts as ``--data sms``) as the path of its
+    tab-separated file, so that it is read, and written back, like any file; anything else unchanged."""
+    if isinstance(source, str) and source == "sms":
+        from fastinf.data.datasets import sms_spam_path
+
+        return str(sms_spam_path())
+    return source
 
 
 def load_source(source: Any, what: str = "train") -> Any:
