@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "helps; lowest = most detrimental) and write a results table, a report and "
                                    "optionally the cleaned or annotated dataset in the input's format.")
     p.add_argument("--train", required=True, metavar="DATA",
-                   help="train data: sms (the packaged demo set), a .parquet/.jsonl/.csv/.tsv file or a datasets "
-                        "save_to_disk directory")
+                   help="train data: sms (the packaged demo set; written back as Parquet), a "
+                        ".parquet/.jsonl/.csv/.tsv file or a datasets save_to_disk directory")
     p.add_argument("--model", default=None,
                    help="a `fastinf train` output, a checkpoint or model directory (with --recipe: the base model)")
     p.add_argument("--recipe", default=None, metavar="YAML",

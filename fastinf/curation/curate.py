@@ -119,7 +119,7 @@ def curate(train: Any, model: Any = None, *, out: str | Path, reference: Any = N
         model = resolve_model(model)
     else:
         read_recipe(recipe, model)                                # a bad recipe fails before any work
-    train = packaged_path(train)                                 # "sms": the packaged demo file itself
+    train = packaged_path(train)                                 # "sms": the packaged demo set
     full = load_source(train)
     data = split_reference(train, full, reference, fraction=reference_fraction, rows=reference_rows, seed=seed)
     say = echo or (lambda msg: None)

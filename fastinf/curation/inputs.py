@@ -53,12 +53,13 @@ def is_hf_disk_dir(path: Any) -> bool:
 
 
 def packaged_path(source: Any) -> Any:
-    """``"sms"`` (the packaged SMS spam set every other command accepts as ``--data sms``) as the path of its
-    tab-separated file, so that it is read, and written back, like any file; anything else unchanged."""
+    """``"sms"`` (the packaged SMS spam set every other command accepts as ``--data sms``) as its dataset, an
+    in-memory source (written back as Parquet: the packaged file is not the user's to mirror); anything else
+    unchanged."""
     if isinstance(source, str) and source == "sms":
-        from fastinf.data.datasets import sms_spam_path
+        from fastinf.data.datasets import load_sms
 
-        return str(sms_spam_path())
+        return load_sms()
     return source
 
 

@@ -53,6 +53,15 @@ def read_result(path: Path, recipe: str) -> dict[str, Any] | None:
     return got if isinstance(got, dict) and got.get("recipe") == recipe else None
 
 
+def _single_class_row(job: GridJob, label: int) -> dict[str, Any]:
+    """A removal that left one class: no classifier can be fine-tuned, and the model such a training set
+    yields predicts that class everywhere, so its accuracy is that class's share of the evaluation split
+    (recorded, with ``single_class``, instead of failing the whole grid)."""
+    y = np.asarray(job.evaluation.labels)
+    return {"accuracy": float(np.mean(y == label)), "loss": float("nan"), "epoch": 0,
+            "single_class": label, "recipe": job.recipe}
+
+
 def _retrain(job: GridJob) -> tuple[str, float]:
     """Fine-tune without ``job.drop``, evaluate on the evaluation split, write the row; (key, seconds)."""
     import torch
@@ -67,12 +76,16 @@ def _retrain(job: GridJob) -> tuple[str, float]:
         if work.exists():
             shutil.rmtree(work)                      # a retrain killed half-way: start it again
         keep = np.setdiff1d(np.arange(len(job.train)), job.drop)
-        res = finetune(job.model_cfg, job.train_cfg, job.train.subset(keep), job.select, work, seed=job.seed,
-                       n_classes=job.n_classes)
-        model, tok = load_checkpoint(res.best.path)
-        loss, acc = evaluate_model(model, tok, job.evaluation, max_length=job.model_cfg.max_length)
-        row = {**job.row, "accuracy": float(acc), "loss": float(loss), "epoch": int(res.best.epoch),
-               "seconds": time.perf_counter() - t0, "recipe": job.recipe}
+        left = np.unique(np.asarray(job.train.labels)[keep])
+        if left.size == 1:
+            row = {**job.row, **_single_class_row(job, int(left[0])), "seconds": time.perf_counter() - t0}
+        else:
+            res = finetune(job.model_cfg, job.train_cfg, job.train.subset(keep), job.select, work, seed=job.seed,
+                           n_classes=job.n_classes)
+            model, tok = load_checkpoint(res.best.path)
+            loss, acc = evaluate_model(model, tok, job.evaluation, max_length=job.model_cfg.max_length)
+            row = {**job.row, "accuracy": float(acc), "loss": float(loss), "epoch": int(res.best.epoch),
+                   "seconds": time.perf_counter() - t0, "recipe": job.recipe}
         dest = Path(job.dest)
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.write_text(json.dumps(row, indent=1) + "\n")

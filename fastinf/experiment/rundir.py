@@ -35,7 +35,7 @@ _TMP = re.compile(r"^\..*\.tmp(-\d+)?$|.*\.tmp(\.npz)?$")
 _RUN_FILES = {RUN_MARKER, "config.yaml", "config_hash.txt", "report.md", "report.html", "results.json",
               "results.parquet", "report.done.json", "locks", "train"}
 _SEED_FILES = {"noise.npz", "noise.json", "train", "stores", "scores", "retrain", "costs.json", "metrics.json", "datamodels", "lds.json",
-               "retrain.json", "locks"}
+               "retrain.json", "cancellation.json", "retrain_grid", "locks"}
 _TRAIN_FILES = {TRAIN_MARKER, "train.json", "lr_log.json", "lr_sweep.json", "config.yaml", "noise.npz", "noise.json",
                 "locks"}
 

@@ -22,8 +22,8 @@ from fastinf.experiment.curvature_stage import factor_deps, run_proj, stores_for
 from fastinf.experiment.groups import evaluate_seed, named_groups, unit_groups, uses_fused
 from fastinf.experiment.retrain import filter_retrain
 from fastinf.experiment.rundir import clear_own_dir
-from fastinf.experiment.stages import StageRunner, extract_method_stores, marker_hash, stage_factors
-from fastinf.errors import StoreError
+from fastinf.experiment.stages import (StageRunner, extract_method_stores, extract_resuming, marker_hash,
+                                       stage_factors)
 
 __all__ = ["SeedRun", "run_seed"]
 
@@ -138,7 +138,7 @@ def _stage_train(r: StageRunner, ctx: SeedRun) -> None:
 def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
     """Extract the train and test gradient stores (resuming an interrupted one); ``ctx.stores``,
     ``ctx.units``, ``ctx.groups``."""
-    from fastinf.extraction.extract import ExtractStats, extract
+    from fastinf.extraction.extract import ExtractStats
     from fastinf.store import GradientStore
 
     cfg, ex = r.cfg, r.cfg.extract
@@ -148,17 +148,9 @@ def _stage_extract(r: StageRunner, ctx: SeedRun) -> None:
         def do(split: str = split, ds=ds) -> dict[str, Any]:
             model, tok = ctx.model()
             stats = ExtractStats()
-            path = ctx.sdir / "stores" / split
-            resume = (path / "manifest.json").exists()
-            kw = dict(layers=ex.layers, proj=run_proj(ex.proj, ctx.sdir), dtype=ex.dtype,
-                      batch_size=ex.batch_size, max_length=cfg.model.max_length, seed=0, progress=r.progress,
-                      stats=stats)
-            try:
-                extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
-            except StoreError:       # an interrupted store that cannot be resumed: start over
-                if not resume:
-                    raise
-                extract(model, tok, ds, path, overwrite=True, **kw)
+            extract_resuming(model, tok, ds, ctx.sdir / "stores" / split, layers=ex.layers,
+                             proj=run_proj(ex.proj, ctx.sdir), dtype=ex.dtype, batch_size=ex.batch_size,
+                             max_length=cfg.model.max_length, seed=0, progress=r.progress, stats=stats)
             return {"seconds_extract": stats.seconds, "samples": stats.samples}
 
         _timed(ctx, f"extract_{split}", r.stage(ctx.sdir, f"extract_{split}", deps, do,

@@ -136,10 +136,23 @@ def extract_method_stores(r: Any, ctx: Any) -> None:
         ctx.stores[proj] = {s: GradientStore.open(ctx.sdir / "stores" / proj / s) for s in ("train", "test")}
 
 
+def extract_resuming(model: Any, tok: Any, ds: Any, path: Path, **kw: Any) -> None:
+    """A run's store at ``path``: resume an interrupted one, start over when it cannot be resumed (a store of an
+    earlier checkpoint or request, fastinf's own), or extract it new."""
+    from fastinf.extraction.extract import extract
+
+    resume = (path / "manifest.json").exists()
+    try:
+        extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
+    except StoreError:
+        if not resume:
+            raise
+        extract(model, tok, ds, path, overwrite=True, **kw)
+
+
 def _extract_one(r: Any, ctx: Any, proj: str, split: str, ds: Any) -> None:
     """One cached, resumable extraction stage ``extract_<proj>_<split>``."""
     from fastinf.experiment.config_io import to_dict
-    from fastinf.extraction.extract import extract
 
     ex = r.cfg.extract
     deps = {"extract": {k: v for k, v in to_dict(ex).items() if not k.startswith("cost_")}, "proj": proj,
@@ -148,15 +161,8 @@ def _extract_one(r: Any, ctx: Any, proj: str, split: str, ds: Any) -> None:
 
     def do() -> dict[str, Any]:
         model, tok = ctx.model()
-        resume = (path / "manifest.json").exists()
-        kw = dict(layers=ex.layers, proj=run_proj(proj, ctx.sdir), dtype=ex.dtype, batch_size=ex.batch_size,
-                  max_length=r.cfg.model.max_length, seed=0, progress=r.progress)
-        try:
-            extract(model, tok, ds, path, resume=resume, overwrite=not resume, **kw)
-        except StoreError:          # an interrupted store that cannot be resumed: start over
-            if not resume:
-                raise
-            extract(model, tok, ds, path, overwrite=True, **kw)
+        extract_resuming(model, tok, ds, path, layers=ex.layers, proj=run_proj(proj, ctx.sdir), dtype=ex.dtype,
+                         batch_size=ex.batch_size, max_length=r.cfg.model.max_length, seed=0, progress=r.progress)
         return {}
 
     name = f"extract_{proj}_{split}"
