@@ -125,6 +125,10 @@ def claim3(grid_rows: Sequence[Mapping[str, Any]], lds_rows: Sequence[Mapping[st
     if len(rows) < 3:
         return {**out, "verdict": "not testable (fewer than 3 retrain-grid settings)"}
     acc = np.array([r["accuracy"] for r in rows])
+    if np.ptp(acc) == 0:      # no correlation is defined; say why instead of printing NaN
+        return {**out, "verdict": f"not testable: every retrain reached the same accuracy ({acc[0]:.4f}); the "
+                "retrains did not learn or the evaluation split is too small to tell them apart (more epochs "
+                "for evaluate.retrain_grid, or a larger held-out pool)"}
     preds = {"ndr": np.array([r["ndr"] for r in rows]), "auc_ndr": np.array([r["auc_ndr"] for r in rows]),
              "neg_cancellation": -np.array([r["cancellation"] for r in rows])}
     kw = {"n_boot": n_boot, "seed": seed}
