@@ -15,8 +15,6 @@ def test_fallback_writes_what_the_data_layer_writes(kind, tmp_path) -> None:
     import fastinf.data as data
     from fastinf.curation._write_back import write_like as fallback
 
-    if not hasattr(data, "write_like"):
-        pytest.skip("the data layer has no write_like yet")
     src = write_source(kind, tmp_path, columns(30))
     rng = np.random.default_rng(4)
     keep = rng.random(30) < 0.7

@@ -119,6 +119,9 @@ def write_like(source: Any, dest: str | os.PathLike, *, keep: np.ndarray, extra_
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise DataError(f"{dest} exists; pass overwrite=True or choose another path")
+    if dest.is_dir() and not dest.is_symlink() and not is_hf_disk_dir(dest):   # never a folder fastinf did not write
+        raise DataError(f"{dest}: an existing folder that is not a save_to_disk dataset; overwrite replaces only "
+                        "files and datasets - move it away or choose another path")
     tmp = dest.with_name(f".{dest.name}.tmp")
     extra = dict(extra_columns or {})
     if isinstance(source, (str, os.PathLike)):

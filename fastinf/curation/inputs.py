@@ -71,28 +71,12 @@ def load_source(source: Any, what: str = "train") -> Any:
     if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists():
         raise DataError(f"{what} data {str(source)!r}: file not found; give a .parquet/.jsonl/.csv/.tsv file "
                         "or a datasets save_to_disk directory")
-    ds = as_text_dataset(_readable(source))
+    ds = as_text_dataset(source)           # the data layer reads every source kind itself (lazy for Arrow)
     rows = np.arange(len(ds), dtype=np.int64)
     if not np.array_equal(ds.ids, rows):
         ds = copy.copy(ds)                               # ids = row positions, on a copy
         ds.ids = rows
     return ds
-
-
-def _readable(source: Any) -> Any:
-    """What ``as_text_dataset`` reads: the source itself, or (for a data layer without lazy Arrow sources)
-    a save_to_disk directory loaded with ``datasets`` and a ``pyarrow.Table`` as a dict of columns."""
-    import fastinf.data as data
-
-    if hasattr(data, "write_like"):                      # the data layer reads every source itself
-        return source
-    if is_hf_disk_dir(source):
-        import datasets
-
-        return datasets.load_from_disk(str(source))
-    if type(source).__module__.startswith("pyarrow") and hasattr(source, "to_pydict"):
-        return source.to_pydict()
-    return source
 
 
 def texts_at(ds: Any, rows: np.ndarray) -> list[str]:

@@ -100,7 +100,7 @@ def write_dataset(source: Any, dest: Path, keep: np.ndarray, extra: dict[str, np
     import fastinf.data as data
     from fastinf.curation import _write_back
 
-    fallback = isinstance(source, data.TextDataset) or not hasattr(data, "write_like")   # TextDataset: API only
+    fallback = isinstance(source, data.TextDataset)      # an API TextDataset: write_like takes files and tables
     write_like = _write_back.write_like if fallback else data.write_like
     write_like(source, dest, keep=keep, extra_columns=extra or {}, overwrite=True)
     return dest

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import abc
+
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +27,9 @@ __all__ = ["RowSource", "TableRows", "ParquetRows", "SelectedRows", "BATCH_ROWS"
 BATCH_ROWS = 8192   # rows per streamed batch (fingerprint, label/id columns, write-back)
 
 
-class RowSource:
-    """Rows of a table: ``read(columns, a, b)``, ``take(columns, rows)``, ``batches(columns)``."""
+class RowSource(abc.ABC):
+    """Rows of a table: ``read(columns, a, b)``, ``take(columns, rows)``, ``batches(columns)`` (subclasses give
+    the first two; the rest is built on them)."""
 
     num_rows: int
     schema: Any
@@ -35,13 +38,13 @@ class RowSource:
     def column_names(self) -> list[str]:
         return list(self.schema.names)
 
+    @abc.abstractmethod
     def read(self, columns: Sequence[str], a: int, b: int) -> Any:
         """Rows ``a..b-1`` of ``columns`` as a ``pyarrow.Table``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def take(self, columns: Sequence[str], rows: np.ndarray) -> Any:
         """Rows ``rows`` (any order, repeats allowed) of ``columns`` as a ``pyarrow.Table``."""
-        raise NotImplementedError
 
     def batches(self, columns: Sequence[str], size: int = BATCH_ROWS) -> Iterator[Any]:
         """All rows of ``columns``, in order, as tables of at most ``size`` rows."""
